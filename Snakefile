@@ -1,0 +1,19 @@
+# histoclip: whole-slide image cohorts → tiles → CLIP embeddings → calls, clusters, survival, figures.
+# Declarations only: the rules live in rules/, the logic in src/histoclip/.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/demo.smk"
+include: "rules/tiling.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        all_outputs,

@@ -1,0 +1,77 @@
+# Config validation, the cohort sheet, input functions and wildcard constraints.
+# Kept cheap: every cluster job re-parses this file. The sheet is read (and its files checked for existence)
+# only when a rule needs it, and never are slides opened here.
+import functools
+import logging
+
+from histoclip.config import validate_config
+from histoclip.sheets import read_clinical_table, read_cohort_sheet
+
+config.update(validate_config(config, source="config (config/config.yaml + --config/--configfile)"))
+
+DEMO_DIR = "results/demo"
+
+
+wildcard_constraints:
+    slide=r"[A-Za-z0-9._-]+",
+
+
+@functools.cache
+def cohort():
+    """The validated cohort sheet as {slide_id: SlideRecord}; clinical problems are reported here too."""
+    records = read_cohort_sheet(config["slides"])
+    if config["clinical"]:
+        clinical = read_clinical_table(config["clinical"], [r.patient_id for r in records])
+        if clinical.missing_patients:
+            logging.getLogger("histoclip").warning(
+                "%d patient(s) in %s have no row in %s and will be left out of survival analyses: %s",
+                len(clinical.missing_patients),
+                config["slides"],
+                config["clinical"],
+                ", ".join(clinical.missing_patients),
+            )
+    return {r.slide_id: r for r in records}
+
+
+def slide_ids():
+    return list(cohort())
+
+
+def slide_record(wildcards):
+    try:
+        return cohort()[wildcards.slide]
+    except KeyError:
+        raise ValueError(
+            f"slide {wildcards.slide!r} is not in the cohort sheet {config['slides']}: "
+            "add it to the sheet or ask for a slide that is there"
+        ) from None
+
+
+def slide_path(wildcards):
+    return str(slide_record(wildcards).path)
+
+
+def tiling_settings(wildcards):
+    """Everything that decides a slide's tile grid: a change here re-tiles the slide (params rerun trigger)."""
+    record = slide_record(wildcards)
+    return {
+        "patient_id": record.patient_id,
+        "sheet_mpp": record.mpp,
+        "on_slide_error": config["on_slide_error"],
+        "tiling": config["tiling"],
+        "tissue": config["tissue"],
+        "mpp": config["mpp"],
+        "qc_thumbnail_px": config["qc"]["thumbnail_px"],
+    }
+
+
+def tile_files(wildcards=None):
+    return expand("results/tiles/{slide}.parquet", slide=slide_ids())
+
+
+def qc_thumbnails(wildcards=None):
+    return expand("results/qc/{slide}.png", slide=slide_ids())
+
+
+def all_outputs(wildcards):
+    return ["results/qc/cohort.tsv", *qc_thumbnails()]

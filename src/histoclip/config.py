@@ -1,0 +1,95 @@
+"""Workflow configuration: JSON-schema validation with defaults.
+
+The schema (config/schemas/config.schema.yaml) is the single place where a key, its type, its default and
+its meaning are written down. Unknown keys are rejected: a misspelt ``tile_size`` that silently falls back
+to the default is worse than an error.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from histoclip.errors import InputError
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config" / "schemas" / "config.schema.yaml"
+
+
+def load_yaml(path: str | Path) -> Any:
+    """Load YAML safely (no arbitrary Python objects), naming the file on a syntax error."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        raise InputError(f"is not valid YAML ({exc})", where=str(path), fix="correct the YAML syntax") from exc
+
+
+def load_schema(path: str | Path = SCHEMA_PATH) -> dict[str, Any]:
+    return load_yaml(path)
+
+
+def _fill_defaults(instance: Any, schema: Mapping[str, Any]) -> Any:
+    """Return ``instance`` with schema defaults filled in, recursing into objects.
+
+    A missing object whose schema has ``default: {}`` is created and then filled, so a config that
+    omits a whole section still gets every default of that section.
+    """
+    if not isinstance(instance, dict) or schema.get("type") != "object":
+        return instance
+    out = dict(instance)
+    for key, sub in schema.get("properties", {}).items():
+        if key not in out and "default" in sub:
+            out[key] = copy.deepcopy(sub["default"])
+        if key in out:
+            out[key] = _fill_defaults(out[key], sub)
+    return out
+
+
+def _describe(error: jsonschema.ValidationError, schema: Mapping[str, Any]) -> tuple[str, str]:
+    """Where (dotted key path) and a fix hint (the key's description) for a validation error."""
+    path = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+    node: Any = schema
+    for part in error.absolute_path:
+        node = node.get("properties", {}).get(str(part), {}) if isinstance(node, Mapping) else {}
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        fix = f"remove or rename it; allowed keys here are: {', '.join(allowed)}"
+    else:
+        description = " ".join(str(node.get("description", "")).split()) if isinstance(node, Mapping) else ""
+        fix = f"set a valid value. {description}".strip()
+    return path, fix
+
+
+def validate_config(
+    config: Mapping[str, Any], *, source: str = "config", schema: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Validate ``config`` against the schema and return a copy with every default filled in.
+
+    ``source`` names where the config came from (file and overrides) for the error message.
+    Raises :class:`InputError` listing every problem, not only the first.
+    """
+    schema = load_schema() if schema is None else schema
+    filled = _fill_defaults(dict(config), schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(filled), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        lines = []
+        for error in errors:
+            where, fix = _describe(error, schema)
+            lines.append(f"  - {where}: {error.message}. Fix: {fix}")
+        raise InputError("invalid configuration:\n" + "\n".join(lines), where=source)
+    if filled["tiling"]["overlap_px"] >= filled["tiling"]["tile_px"]:
+        raise InputError(
+            f"tiling.overlap_px ({filled['tiling']['overlap_px']}) must be smaller than tiling.tile_px "
+            f"({filled['tiling']['tile_px']})",
+            where=source,
+            fix="lower overlap_px",
+        )
+    if filled["mpp"]["min"] >= filled["mpp"]["max"]:
+        raise InputError("mpp.min must be smaller than mpp.max", where=source, fix="swap or correct them")
+    return filled

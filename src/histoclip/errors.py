@@ -1,0 +1,31 @@
+"""Errors a user can act on.
+
+Every message names where the problem is (file, row, column or slide) and how to fix it, because a
+cohort run is usually debugged from a log file long after the person who started it has moved on.
+"""
+
+from __future__ import annotations
+
+
+class InputError(ValueError):
+    """Bad user input: a sheet, a table, a config value or a slide.
+
+    ``where`` is the file (and row/column) or slide id; ``fix`` says what to change.
+    """
+
+    def __init__(self, problem: str, *, where: str | None = None, fix: str | None = None) -> None:
+        self.problem = problem
+        self.where = where
+        self.fix = fix
+        parts = [f"{where}: {problem}" if where else problem]
+        if fix:
+            parts.append(f"Fix: {fix}")
+        super().__init__(" ".join(parts))
+
+
+class SlideError(InputError):
+    """A slide that cannot be opened, read or measured (mpp)."""
+
+    def __init__(self, slide_id: str, problem: str, *, fix: str | None = None) -> None:
+        self.slide_id = slide_id
+        super().__init__(problem, where=f"slide {slide_id!r}", fix=fix)

@@ -1,0 +1,105 @@
+"""Atomic, self-describing outputs.
+
+A cohort run is killed sooner or later (walltime, pre-emption, OOM). Writing to a temporary file in the
+target folder and renaming it over the final path means a reader never sees half a file, and Snakemake's
+"output exists" never lies. Provenance (package versions, parameters) travels inside each file so that a
+table found on disk months later still says how it was made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Iterator, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+#: Packages whose versions are recorded in every output's provenance.
+PROVENANCE_PACKAGES = (
+    "histoclip",
+    "openslide-python",
+    "openslide-bin",
+    "numpy",
+    "pyarrow",
+    "pillow",
+    "torch",
+    "open_clip_torch",
+    "snakemake",
+)
+
+#: Key under which provenance JSON is stored in Parquet key-value metadata.
+PROVENANCE_KEY = "histoclip.provenance"
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape outputs; 'absent' when one is not installed."""
+    versions = {"python": platform.python_version()}
+    for name in PROVENANCE_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    with contextlib.suppress(Exception):
+        import openslide
+
+        versions["libopenslide"] = openslide.__library_version__
+    return versions
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_table_atomic(path: str | os.PathLike[str], table: pa.Table, metadata: Mapping[str, Any]) -> None:
+    """Write ``table`` as Parquet with ``metadata`` (every value JSON-encoded, so types round-trip).
+
+    Provenance (package versions) is added under :data:`PROVENANCE_KEY`.
+    """
+    kv = {str(k): json.dumps(v) for k, v in metadata.items()}
+    kv[PROVENANCE_KEY] = json.dumps({"versions": package_versions()})
+    existing = table.schema.metadata or {}
+    table = table.replace_schema_metadata({**existing, **{k.encode(): v.encode() for k, v in kv.items()}})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Key-value metadata of a Parquet file written by :func:`write_table_atomic`, JSON-decoded.
+
+    Reads only the footer, so it is cheap even for large files.
+    """
+    raw = pq.read_schema(path).metadata or {}
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        key = k.decode()
+        if key == "ARROW:schema":
+            continue
+        try:
+            out[key] = json.loads(v)
+        except json.JSONDecodeError:  # written by another tool: keep the raw string
+            out[key] = v.decode()
+    return out
