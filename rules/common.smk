@@ -3,6 +3,10 @@
 # only when a rule needs it, and never are slides opened here.
 import functools
 import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))  # the library beside this Snakefile
 
 from histoclip.config import validate_config
 from histoclip.sheets import read_clinical_table, read_cohort_sheet

@@ -11,6 +11,8 @@ rule demo_cohort:
         class_maps=directory(f"{DEMO_DIR}/class_maps"),
     params:
         demo=config["demo"],
+    conda:
+        "../envs/slides.yaml"
     log:
         "results/logs/demo_cohort.log",
     threads: 2

@@ -9,6 +9,8 @@ rule tile:
         qc="results/qc/{slide}.png",
     params:
         settings=tiling_settings,
+    conda:
+        "../envs/slides.yaml"
     log:
         "results/logs/tile/{slide}.log",
     threads: 1
@@ -24,6 +26,8 @@ rule cohort_qc:
         tiles=tile_files,
     output:
         table="results/qc/cohort.tsv",
+    conda:
+        "../envs/slides.yaml"
     log:
         "results/logs/cohort_qc.log",
     threads: 1

@@ -1,5 +1,7 @@
 """Rule cohort_qc: every slide's tile-file metadata → results/qc/cohort.tsv."""
 
+import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
+
 from histoclip.logs import rule_log
 from histoclip.qc import write_cohort_table
 

@@ -1,5 +1,7 @@
 """Rule tile: one slide → results/tiles/{slide}.parquet + results/qc/{slide}.png."""
 
+import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
+
 from histoclip.logs import rule_log
 from histoclip.tiling import run_tiling_from_settings
 

@@ -64,6 +64,8 @@ def read_table(path: str | Path, *, kind: str, required: tuple[str, ...]) -> pd.
                 f"the file looks {'comma' if other == ',' else 'tab'}-separated; save it as "
                 f"{'TSV (tab-separated)' if sep == chr(9) else 'CSV'} or change its extension"
             )
+        if "event" in missing and any(c.startswith("censorship") for c in table.columns):
+            hint += "; a 'censorship' column (1 = censored, CLAM/SurvPath style) converts as event = 1 - censorship"
         raise InputError(
             f"missing required column(s) {missing}; found {list(table.columns)}", where=f"{kind} {path}", fix=hint
         )

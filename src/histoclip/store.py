@@ -23,7 +23,6 @@ import pyarrow.parquet as pq
 
 #: Packages whose versions are recorded in every output's provenance.
 PROVENANCE_PACKAGES = (
-    "histoclip",
     "openslide-python",
     "openslide-bin",
     "numpy",
@@ -40,7 +39,9 @@ PROVENANCE_KEY = "histoclip.provenance"
 
 def package_versions() -> dict[str, str]:
     """Versions of the packages that shape outputs; 'absent' when one is not installed."""
-    versions = {"python": platform.python_version()}
+    import histoclip
+
+    versions = {"python": platform.python_version(), "histoclip": histoclip.__version__}
     for name in PROVENANCE_PACKAGES:
         try:
             versions[name] = metadata.version(name)

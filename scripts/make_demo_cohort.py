@@ -1,0 +1,13 @@
+"""Rule demo_cohort: the synthetic demo cohort under results/demo/."""
+
+from pathlib import Path
+
+import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
+
+from histoclip.logs import rule_log
+from histoclip.synth import make_demo_cohort
+
+with rule_log(snakemake.log[0], "histoclip.demo") as log:
+    demo = dict(snakemake.params.demo)
+    cohort = make_demo_cohort(Path(snakemake.output.sheet).parent, **demo)
+    log.info("demo cohort written to %s (seed %s)", cohort.root, demo["seed"])

@@ -1,0 +1,72 @@
+"""Config validation: defaults, unknown keys, wrong types, messages that say where and how to fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from histoclip.config import load_schema, load_yaml, validate_config
+from histoclip.errors import InputError
+
+
+def test_demo_config_is_valid_and_defaults_are_filled(repo):
+    config = validate_config(load_yaml(repo / "config" / "config.yaml"))
+    assert config["tiling"] == {"target_mpp": 0.5, "tile_px": 224, "overlap_px": 0, "min_tissue_fraction": 0.5}
+    assert config["mpp"] == {"min": 0.05, "max": 20.0}
+    assert config["qc"]["thumbnail_px"] == 1024
+    assert config["on_slide_error"] == "fail"
+
+
+def test_empty_config_gets_every_default():
+    config = validate_config({})
+    assert config["slides"] == "results/demo/slides.tsv"
+    assert config["tissue"]["mpp"] == 8.0
+    assert config["tiling"]["tile_px"] == 224
+
+
+def test_every_schema_property_has_a_description_and_default():
+    def walk(node, path):
+        for key, sub in node.get("properties", {}).items():
+            where = f"{path}.{key}" if path else key
+            assert "default" in sub, f"{where} has no default"
+            if sub.get("type") == "object":
+                walk(sub, where)
+            else:
+                assert sub.get("description"), f"{where} has no description"
+
+    walk(load_schema(), "")
+
+
+def test_unknown_key_is_rejected_with_allowed_keys():
+    with pytest.raises(InputError) as err:
+        validate_config({"tiling": {"tile_size": 256}}, source="my.yaml")
+    message = str(err.value)
+    assert "my.yaml" in message
+    assert "tiling" in message and "tile_size" in message
+    assert "tile_px" in message  # the allowed keys are listed
+
+
+def test_wrong_type_names_key_and_fix():
+    with pytest.raises(InputError) as err:
+        validate_config({"tiling": {"tile_px": "big"}, "on_slide_error": "ignore"})
+    message = str(err.value)
+    assert "tiling.tile_px" in message and "integer" in message
+    assert "on_slide_error" in message and "fail" in message
+
+
+def test_overlap_must_be_smaller_than_tile():
+    with pytest.raises(InputError, match="overlap_px"):
+        validate_config({"tiling": {"tile_px": 64, "overlap_px": 64}})
+
+
+def test_bad_yaml_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("tiling: [unclosed\n")
+    with pytest.raises(InputError, match="bad.yaml"):
+        load_yaml(path)
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("slides: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(InputError):
+        load_yaml(path)

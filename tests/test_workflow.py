@@ -1,0 +1,143 @@
+"""End to end: Snakemake runs the demo cohort, and a real-slide cohort, through tiling and QC.
+
+These run the real `snakemake` command in a copy of the workflow, so they test the rules, the scripts and
+the library together, exactly as a user runs them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from histoclip.store import read_metadata
+
+pytestmark = pytest.mark.integration
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+CONTRACT_META = (
+    "slide_id",
+    "level0_mpp",
+    "mpp_source",
+    "target_mpp",
+    "tile_px",
+    "tile_level0_px",
+    "read_level",
+    "histoclip.provenance",
+)
+
+
+def copy_workflow(repo: Path, dest: Path) -> Path:
+    for name in ("Snakefile", "rules", "scripts", "config"):
+        src = repo / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / name)
+    return dest
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [*SNAKEMAKE, "--cores", "2", "--quiet", "rules", *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def demo_run(repo, tmp_path_factory):
+    workdir = copy_workflow(repo, tmp_path_factory.mktemp("demo"))
+    snakemake(workdir, "demo_cohort", "--config", "demo={n_patients: 8, extra_slides: 2, slide_px: 2048}")
+    snakemake(workdir, "--config", "demo={n_patients: 8, extra_slides: 2, slide_px: 2048}")
+    return workdir
+
+
+def test_demo_cohort_tiles_every_slide_with_the_contract(demo_run):
+    sheet = pd.read_csv(demo_run / "results/demo/slides.tsv", sep="\t")
+    assert len(sheet) == 10  # 8 patients, 2 with a second slide
+    cohort = pd.read_csv(demo_run / "results/qc/cohort.tsv", sep="\t")
+    assert sorted(cohort["slide_id"]) == sorted(sheet["slide_id"])
+    assert (cohort["status"] == "ok").all()
+    assert (cohort["mpp_source"] == "openslide-metadata").all()
+    assert cohort["level0_mpp"].tolist() == pytest.approx([0.5] * len(cohort))
+    assert (cohort["vendor"] == "generic-tiff").all()
+    assert (cohort[["level0_width", "level0_height"]] == 2048).all().all()
+    for row in cohort.itertuples():
+        tiles = pq.read_table(demo_run / f"results/tiles/{row.slide_id}.parquet")
+        assert tiles.schema.names == ["x", "y", "tissue"]
+        assert str(tiles.schema.field("x").type) == "int64" and str(tiles.schema.field("tissue").type) == "float"
+        frame = tiles.to_pandas()
+        assert len(frame) == row.n_tiles > 0
+        assert (frame["x"] % 224 == 0).all() and (frame["x"] + 224 <= 2048).all() and (frame["y"] + 224 <= 2048).all()
+        assert ((frame["tissue"] >= 0.5) & (frame["tissue"] <= 1.0)).all()
+        assert not frame.duplicated(["x", "y"]).any()
+        meta = read_metadata(demo_run / f"results/tiles/{row.slide_id}.parquet")
+        for key in CONTRACT_META:
+            assert key in meta, key
+        assert meta["slide_id"] == row.slide_id and meta["tile_level0_px"] == 224
+        # tissue area agrees with the tile count: kept tiles cover at most the tissue plus a border
+        assert row.n_tiles * (224 * 0.5 / 1000) ** 2 <= row.tissue_area_mm2 * 1.3
+        with Image.open(demo_run / f"results/qc/{row.slide_id}.png") as image:
+            assert max(image.size) <= 1024 and image.mode == "RGB"
+
+
+def test_rerun_with_no_change_does_nothing(demo_run):
+    result = snakemake(demo_run, "-n", "--config", "demo={n_patients: 8, extra_slides: 2, slide_px: 2048}")
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+@pytest.mark.shared_data
+def test_real_slide_cohort_with_a_broken_slide_recorded(repo, shared_data, tmp_path):
+    workdir = copy_workflow(repo, tmp_path)
+    sheet = tmp_path / "cohort.tsv"
+    rows = [
+        ("cmu1", "P1", shared_data / "svs/CMU-1-Small-Region.svs", ""),
+        ("boxes", "P2", shared_data / "synthetic/openslide-python-boxes.tiff", "0.25"),
+        ("unreadable", "P3", shared_data / "broken/openslide-python-unreadable.svs", ""),
+    ]
+    sheet.write_text("slide_id\tpatient_id\tpath\tmpp\n" + "".join(f"{a}\t{b}\t{c}\t{d}\n" for a, b, c, d in rows))
+    clinical = tmp_path / "clinical.tsv"
+    clinical.write_text("patient_id\ttime\tevent\nP1\t10\t1\nP2\t5\t0\n")
+    config = ["--config", f"slides={sheet}", f"clinical={clinical}", "on_slide_error=record"]
+    result = snakemake(workdir, *config)
+    assert "P3" in result.stderr  # the patient without a clinical row is named in a warning
+    cohort = pd.read_csv(workdir / "results/qc/cohort.tsv", sep="\t").set_index("slide_id")
+    assert cohort.loc["cmu1", "status"] == "ok" and cohort.loc["cmu1", "n_tiles"] > 10
+    assert cohort.loc["boxes", "mpp_source"] == "sheet"
+    assert cohort.loc["unreadable", "status"] == "error"
+    assert "Bogus marker length" in cohort.loc["unreadable", "error"]
+
+    # the same cohort under the default policy fails, naming the slide, and keeps the other slides' outputs
+    shutil.rmtree(workdir / "results")
+    failed = snakemake(workdir, "--keep-going", "--config", f"slides={sheet}", f"clinical={clinical}", check=False)
+    assert failed.returncode != 0
+    log = (workdir / "results/logs/tile/unreadable.log").read_text()
+    assert "slide 'unreadable'" in log and "Bogus marker length" in log
+    assert (workdir / "results/tiles/cmu1.parquet").exists()
+    assert not (workdir / "results/tiles/unreadable.parquet").exists()
+
+
+def test_bad_sheet_stops_before_any_job(repo, tmp_path):
+    workdir = copy_workflow(repo, tmp_path)
+    sheet = tmp_path / "cohort.tsv"
+    sheet.write_text("slide_id\tpatient_id\tpath\n../evil\tP1\tnowhere.svs\n")
+    result = snakemake(workdir, "--config", f"slides={sheet}", "clinical=null", check=False)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "line 2" in output and "'slide_id'" in output and "../evil" in output
+    assert not (workdir / "results" / "tiles").exists()
+
+
+def test_unknown_config_key_is_rejected(repo, tmp_path):
+    workdir = copy_workflow(repo, tmp_path)
+    result = snakemake(workdir, "-n", "--config", "tile_size=256", check=False)
+    assert result.returncode != 0 and "tile_size" in result.stdout + result.stderr
