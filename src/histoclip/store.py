@@ -33,6 +33,9 @@ PROVENANCE_PACKAGES = (
     "snakemake",
 )
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 #: Key under which provenance JSON is stored in Parquet key-value metadata.
 PROVENANCE_KEY = "histoclip.provenance"
 
@@ -62,6 +65,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are shared like any other file
     try:
         yield tmp_path
         os.replace(tmp_path, final)

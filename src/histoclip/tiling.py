@@ -217,7 +217,8 @@ def tile_slide(
         mask = detect_tissue(rgb, mask_mpp, tissue_params)
         grid = tile_grid(mask, slide.dimensions, resolved.mpp, params)
         qc_level = qc_level_for(slide, qc_thumbnail_px)
-        qc_rgb = rgb if qc_level == level else wsi.read_level_rgb(slide, qc_level, slide_id)
+        qc_dims = slide.level_dimensions[qc_level]
+        qc_rgb = rgb if (rgb.shape[1], rgb.shape[0]) == qc_dims else wsi.read_level_rgb(slide, qc_level, slide_id)
         read_level = wsi.read_level_for(slide, resolved.mpp, params.target_mpp)
         downsample = slide.level_downsamples[read_level]
         width, height = slide.dimensions
