@@ -70,3 +70,22 @@ def test_yaml_is_loaded_safely(tmp_path):
     path.write_text("slides: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(InputError):
         load_yaml(path)
+
+
+def test_tissue_schema_defaults_are_the_library_defaults():
+    """One concept, one name: config keys under `tissue` are TissueParams fields with the same defaults."""
+    from dataclasses import asdict
+
+    from histoclip.tissue import TissueParams
+
+    tissue = validate_config({})["tissue"]
+    assert tissue.pop("mpp") == 8.0
+    assert tissue == asdict(TissueParams())
+
+
+def test_tiling_schema_defaults_are_the_library_defaults():
+    from dataclasses import asdict
+
+    from histoclip.tiling import TilingParams
+
+    assert validate_config({})["tiling"] == asdict(TilingParams())

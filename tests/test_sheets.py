@@ -116,7 +116,11 @@ def test_empty_and_missing_sheets(tmp_path):
 def test_clinical_table_types_and_missing_patients(tmp_path):
     table = write(
         tmp_path / "clinical.tsv",
-        [["patient_id", "time", "event", "age", "stage"], ["P1", "12.5", "1", "61", "II"], ["P2", "30", "0", "70", "I"]],
+        [
+            ["patient_id", "time", "event", "age", "stage"],
+            ["P1", "12.5", "1", "61", "II"],
+            ["P2", "30", "0", "70", "I"],
+        ],
     )
     clinical = read_clinical_table(table, ["P1", "P2", "P3", "P9"])
     assert clinical.missing_patients == ["P3", "P9"]

@@ -21,6 +21,7 @@ from histoclip.store import read_metadata
 pytestmark = pytest.mark.integration
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+SMALL_DEMO = ("--configfile", "small_demo.yaml")
 CONTRACT_META = (
     "slide_id",
     "level0_mpp",
@@ -34,7 +35,7 @@ CONTRACT_META = (
 
 
 def copy_workflow(repo: Path, dest: Path) -> Path:
-    for name in ("Snakefile", "rules", "scripts", "config"):
+    for name in ("Snakefile", "rules", "scripts", "config", "src", "envs"):
         src = repo / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / name)
     return dest
@@ -42,7 +43,7 @@ def copy_workflow(repo: Path, dest: Path) -> Path:
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        [*SNAKEMAKE, "--cores", "2", "--quiet", "rules", *args],
+        [*SNAKEMAKE, *args, "--cores", "2"],
         cwd=workdir,
         capture_output=True,
         text=True,
@@ -56,8 +57,9 @@ def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Compl
 @pytest.fixture(scope="module")
 def demo_run(repo, tmp_path_factory):
     workdir = copy_workflow(repo, tmp_path_factory.mktemp("demo"))
-    snakemake(workdir, "demo_cohort", "--config", "demo={n_patients: 8, extra_slides: 2, slide_px: 2048}")
-    snakemake(workdir, "--config", "demo={n_patients: 8, extra_slides: 2, slide_px: 2048}")
+    (workdir / "small_demo.yaml").write_text("demo:\n  n_patients: 8\n  extra_slides: 2\n  slide_px: 2048\n")
+    snakemake(workdir, "demo_cohort", *SMALL_DEMO)
+    snakemake(workdir, *SMALL_DEMO)
     return workdir
 
 
@@ -91,7 +93,7 @@ def test_demo_cohort_tiles_every_slide_with_the_contract(demo_run):
 
 
 def test_rerun_with_no_change_does_nothing(demo_run):
-    result = snakemake(demo_run, "-n", "--config", "demo={n_patients: 8, extra_slides: 2, slide_px: 2048}")
+    result = snakemake(demo_run, "-n", *SMALL_DEMO)
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
