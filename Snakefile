@@ -11,6 +11,7 @@ configfile: "config/config.yaml"
 include: "rules/common.smk"
 include: "rules/demo.smk"
 include: "rules/tiling.smk"
+include: "rules/embedding.smk"
 
 
 rule all:

@@ -3,6 +3,7 @@
 # only when a rule needs it, and never are slides opened here.
 import functools
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ DEMO_DIR = "results/demo"
 
 wildcard_constraints:
     slide=r"[A-Za-z0-9._-]+",
+    model="|".join(map(re.escape, config["models"])),
 
 
 @functools.cache
@@ -78,4 +80,27 @@ def qc_thumbnails(wildcards=None):
 
 
 def all_outputs(wildcards):
-    return ["results/qc/cohort.tsv", *qc_thumbnails()]
+    return ["results/qc/cohort.tsv", *qc_thumbnails(), *embedding_files()]
+
+
+def embedding_models():
+    return list(config["embedding"]["models"])
+
+
+def model_entry(wildcards):
+    return config["models"][wildcards.model]
+
+
+def embedding_shards():
+    """{shard name: slide ids}: fixed-size chunks of the sheet, in sheet order (appending slides to the
+    sheet only changes the last shard). Empty while the sheet doesn't exist yet (the demo before
+    `snakemake demo_cohort`). Reading the sheet here is cheap; no slide is opened."""
+    if not Path(config["slides"]).exists():
+        return {}
+    ids = slide_ids()
+    size = config["embedding"]["shard_size"]
+    return {f"shard{start // size:05d}": ids[start : start + size] for start in range(0, len(ids), size)}
+
+
+def embedding_files(wildcards=None):
+    return expand("results/embeddings/{model}/{slide}.parquet", model=embedding_models(), slide=slide_ids())

@@ -57,7 +57,9 @@ def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Compl
 @pytest.fixture(scope="module")
 def demo_run(repo, tmp_path_factory):
     workdir = copy_workflow(repo, tmp_path_factory.mktemp("demo"))
-    (workdir / "small_demo.yaml").write_text("demo:\n  n_patients: 8\n  extra_slides: 2\n  slide_px: 2048\n")
+    (workdir / "small_demo.yaml").write_text(
+        "demo:\n  n_patients: 8\n  extra_slides: 2\n  slide_px: 2048\nembedding:\n  shard_size: 4\n"
+    )
     snakemake(workdir, "demo_cohort", *SMALL_DEMO)
     snakemake(workdir, *SMALL_DEMO)
     return workdir
@@ -117,6 +119,9 @@ def test_real_slide_cohort_with_a_broken_slide_recorded(repo, shared_data, tmp_p
     assert cohort.loc["boxes", "mpp_source"] == "sheet"
     assert cohort.loc["unreadable", "status"] == "error"
     assert "Bogus marker length" in cohort.loc["unreadable", "error"]
+    embedded = read_metadata(workdir / "results/embeddings/tiny/unreadable.parquet")
+    assert embedded["status"] == "error" and "Bogus marker length" in embedded["error"]
+    assert pq.read_metadata(workdir / "results/embeddings/tiny/cmu1.parquet").num_rows == cohort.loc["cmu1", "n_tiles"]
 
     # the same cohort under the default policy fails, naming the slide, and keeps the other slides' outputs
     shutil.rmtree(workdir / "results")
@@ -143,3 +148,19 @@ def test_unknown_config_key_is_rejected(repo, tmp_path):
     workdir = copy_workflow(repo, tmp_path)
     result = snakemake(workdir, "-n", "--config", "tile_size=256", check=False)
     assert result.returncode != 0 and "tile_size" in result.stdout + result.stderr
+
+
+def test_demo_embeddings_one_file_per_slide_one_model_load_per_shard(demo_run):
+    cohort = pd.read_csv(demo_run / "results/qc/cohort.tsv", sep="\t")
+    for row in cohort.itertuples():
+        tiles = pq.read_table(demo_run / f"results/tiles/{row.slide_id}.parquet")
+        embeddings = pq.read_table(demo_run / f"results/embeddings/tiny/{row.slide_id}.parquet")
+        assert embeddings.column("x").to_pylist() == tiles.column("x").to_pylist()
+        assert embeddings.column("y").to_pylist() == tiles.column("y").to_pylist()
+        meta = read_metadata(demo_run / f"results/embeddings/tiny/{row.slide_id}.parquet")
+        assert meta["model_name"] == "tiny" and meta["dim"] == 32 and meta["slide_id"] == row.slide_id
+    logs = sorted((demo_run / "results/logs/embed/tiny").glob("shard*.log"))
+    assert len(logs) == 3  # 10 slides in shards of 4
+    for log in logs:
+        text = log.read_text()
+        assert text.count("model tiny loaded") == 1 and "shard done" in text

@@ -90,6 +90,13 @@ def validate_config(
             where=source,
             fix="lower overlap_px",
         )
+    unknown = [name for name in filled["embedding"]["models"] if name not in filled["models"]]
+    if unknown:
+        raise InputError(
+            f"embedding.models names {unknown}, which are not defined under `models` ({sorted(filled['models'])})",
+            where=source,
+            fix="add them under `models:` or remove them from embedding.models",
+        )
     if filled["mpp"]["min"] >= filled["mpp"]["max"]:
         raise InputError("mpp.min must be smaller than mpp.max", where=source, fix="swap or correct them")
     return filled

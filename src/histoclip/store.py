@@ -9,6 +9,7 @@ table found on disk months later still says how it was made.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -79,13 +80,26 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def json_value(value: Any) -> str:
+    """How every metadata value is stored: JSON, so types (and ids like "001") round-trip."""
+    return json.dumps(value)
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_table_atomic(path: str | os.PathLike[str], table: pa.Table, metadata: Mapping[str, Any]) -> None:
     """Write ``table`` as Parquet with ``metadata`` (every value JSON-encoded, so types round-trip).
 
     Provenance (package versions) is added under :data:`PROVENANCE_KEY`.
     """
-    kv = {str(k): json.dumps(v) for k, v in metadata.items()}
-    kv[PROVENANCE_KEY] = json.dumps({"versions": package_versions()})
+    kv = {str(k): json_value(v) for k, v in metadata.items()}
+    kv[PROVENANCE_KEY] = json_value({"versions": package_versions()})
     existing = table.schema.metadata or {}
     table = table.replace_schema_metadata({**existing, **{k.encode(): v.encode() for k, v in kv.items()}})
     with atomic_path(path) as tmp:

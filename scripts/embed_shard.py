@@ -1,0 +1,32 @@
+"""Rule embed_<shard>: the shard's tile files → results/embeddings/{model}/{slide}.parquet, one model load."""
+
+import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
+
+from histoclip.embedding import SlideJob, embed_shard
+from histoclip.logs import rule_log
+from histoclip.models import ModelSpec, load_model
+
+with rule_log(snakemake.log[0], "histoclip.embed") as log:
+    settings = snakemake.params.embedding
+    spec = ModelSpec.from_config(snakemake.wildcards.model, snakemake.params.model, snakemake.params.search_dirs)
+    model = load_model(spec, settings["device"])
+    log.info("model %s loaded: %s", spec.name, model.provenance())
+    jobs = [SlideJob.from_tile_file(t, o) for t, o in zip(snakemake.input.tiles, snakemake.output, strict=True)]
+    report = embed_shard(
+        jobs,
+        model,
+        batch_size=spec.batch_size or settings["batch_size"],
+        num_workers=settings["num_workers"],
+        cpus=snakemake.threads,
+        dtype=settings["dtype"],
+        row_group_rows=settings["row_group_rows"],
+        on_slide_error=snakemake.config["on_slide_error"],
+    )
+    log.info(
+        "shard done: %d computed, %d reused, %d failed, %d tiles in %.1f s",
+        len(report.computed),
+        len(report.reused),
+        len(report.failed),
+        report.tiles,
+        report.seconds,
+    )
