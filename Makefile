@@ -33,6 +33,8 @@ test: lint
 
 bench: install
 	$(BIN)/python benchmarks/bench_tiling.py
+	$(BIN)/python benchmarks/bench_embedding.py
+	$(BIN)/python benchmarks/bench_cohort_embedding.py
 
 clean:
 	rm -rf results/* .snakemake
