@@ -11,7 +11,9 @@ configfile: "config/config.yaml"
 include: "rules/common.smk"
 include: "rules/demo.smk"
 include: "rules/tiling.smk"
+include: "rules/training.smk"
 include: "rules/embedding.smk"
+include: "rules/zeroshot.smk"
 
 
 rule all:

@@ -20,11 +20,19 @@ DEMO_DIR = "results/demo"
 wildcard_constraints:
     slide=r"[A-Za-z0-9._-]+",
     model="|".join(map(re.escape, config["models"])),
+    promptset=r"[A-Za-z0-9._-]+",
+    trained="|".join(map(re.escape, config["training"])) or "(?!)",
 
 
 @functools.cache
 def cohort():
     """The validated cohort sheet as {slide_id: SlideRecord}; clinical problems are reported here too."""
+    if config["slides"] == f"{DEMO_DIR}/slides.tsv" and not Path(config["slides"]).exists():
+        raise FileNotFoundError(
+            f"the demo cohort sheet {config['slides']} does not exist yet: generate the demo cohort first with "
+            "`snakemake --cores 2 demo_cohort` (`make demo` does both steps), or point the workflow at a cohort "
+            "with --config slides=PATH clinical=PATH"
+        )
     records = read_cohort_sheet(config["slides"])
     if config["clinical"]:
         clinical = read_clinical_table(config["clinical"], [r.patient_id for r in records])
@@ -80,7 +88,7 @@ def qc_thumbnails(wildcards=None):
 
 
 def all_outputs(wildcards):
-    return ["results/qc/cohort.tsv", *qc_thumbnails(), *embedding_files()]
+    return ["results/qc/cohort.tsv", *qc_thumbnails(), *embedding_files(), *zeroshot_calls()]
 
 
 def embedding_models():
@@ -104,3 +112,58 @@ def embedding_shards():
 
 def embedding_files(wildcards=None):
     return expand("results/embeddings/{model}/{slide}.parquet", model=embedding_models(), slide=slide_ids())
+
+
+def model_inputs(wildcards):
+    """Files a model is made from, so that a changed or newly trained model re-runs what used it."""
+    entry = config["models"][wildcards.model]
+    model = entry["model"]
+    if model.startswith("local-dir:results/models/"):
+        return [f"{model[len('local-dir:'):]}/open_clip_model.safetensors"]
+    files = [model] if model.endswith(".json") and Path(model).exists() else []
+    pretrained = entry.get("pretrained")
+    if pretrained and Path(pretrained).exists():
+        files.append(pretrained)
+    return files
+
+
+def prompt_set_names():
+    return [Path(p).stem if p.endswith((".yaml", ".yml", ".json")) else p for p in config["zeroshot"]["prompt_sets"]]
+
+
+def prompt_set_path(wildcards):
+    """config/prompts/{name}.yaml (or .json), or the path given in zeroshot.prompt_sets."""
+    for entry in config["zeroshot"]["prompt_sets"]:
+        if entry.endswith((".yaml", ".yml", ".json")) and Path(entry).stem == wildcards.promptset:
+            return entry
+    for suffix in (".yaml", ".yml", ".json"):
+        for folder in (Path("config/prompts"), Path(workflow.basedir) / "config" / "prompts"):
+            if (folder / f"{wildcards.promptset}{suffix}").exists():
+                return str(folder / f"{wildcards.promptset}{suffix}")
+    raise ValueError(
+        f"prompt set {wildcards.promptset!r} not found in config/prompts/ (.yaml or .json): "
+        "add the file or give its path in zeroshot.prompt_sets"
+    )
+
+
+def zeroshot_calls(wildcards=None):
+    return expand(
+        "results/zeroshot/{model}/{promptset}/calls.tsv", model=embedding_models(), promptset=prompt_set_names()
+    )
+
+
+def model_embeddings(wildcards):
+    return expand("results/embeddings/{model}/{slide}.parquet", model=wildcards.model, slide=slide_ids())
+
+
+def training_inputs(wildcards):
+    entry = config["training"][wildcards.trained]
+    inputs = {"pairs": entry["pairs"]}
+    if entry.get("sheet"):
+        inputs["sheet"] = entry["sheet"]
+    base = entry["base"]
+    if base in config["models"]:
+        inputs["base"] = model_inputs(type("W", (), {"model": base}))
+    elif base.endswith(".json"):
+        inputs["base"] = base
+    return inputs

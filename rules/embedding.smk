@@ -9,6 +9,7 @@ for _shard, _slides in embedding_shards().items():
             f"embed_{_shard}"
         input:
             tiles=[f"results/tiles/{slide}.parquet" for slide in _slides],
+            model=model_inputs,
         output:
             [f"results/embeddings/{{model}}/{slide}.parquet" for slide in _slides],
         params:

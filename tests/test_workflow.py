@@ -6,6 +6,7 @@ the library together, exactly as a user runs them.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -15,13 +16,15 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from sklearn.metrics import balanced_accuracy_score
 
 from histoclip.store import read_metadata
 
 pytestmark = pytest.mark.integration
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-SMALL_DEMO = ("--configfile", "small_demo.yaml")
+DEMO = ("--configfile", "demo_shards.yaml")  # the default demo, embedded in shards of 16 slides
+TINY = "embedding:\n  models: [tiny]\nzeroshot:\n  prompt_sets: [nsclc]\n"  # random-init model: plumbing only
 CONTRACT_META = (
     "slide_id",
     "level0_mpp",
@@ -57,31 +60,29 @@ def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Compl
 @pytest.fixture(scope="module")
 def demo_run(repo, tmp_path_factory):
     workdir = copy_workflow(repo, tmp_path_factory.mktemp("demo"))
-    (workdir / "small_demo.yaml").write_text(
-        "demo:\n  n_patients: 8\n  extra_slides: 2\n  slide_px: 2048\nembedding:\n  shard_size: 4\n"
-    )
-    snakemake(workdir, "demo_cohort", *SMALL_DEMO)
-    snakemake(workdir, *SMALL_DEMO)
+    (workdir / "demo_shards.yaml").write_text("embedding:\n  models: [demo]\n  shard_size: 16\n")
+    snakemake(workdir, "demo_cohort", *DEMO)
+    snakemake(workdir, *DEMO)
     return workdir
 
 
 def test_demo_cohort_tiles_every_slide_with_the_contract(demo_run):
     sheet = pd.read_csv(demo_run / "results/demo/slides.tsv", sep="\t")
-    assert len(sheet) == 10  # 8 patients, 2 with a second slide
+    assert len(sheet) == 36  # 32 patients, 4 with a second slide
     cohort = pd.read_csv(demo_run / "results/qc/cohort.tsv", sep="\t")
     assert sorted(cohort["slide_id"]) == sorted(sheet["slide_id"])
     assert (cohort["status"] == "ok").all()
     assert (cohort["mpp_source"] == "openslide-metadata").all()
     assert cohort["level0_mpp"].tolist() == pytest.approx([0.5] * len(cohort))
     assert (cohort["vendor"] == "generic-tiff").all()
-    assert (cohort[["level0_width", "level0_height"]] == 2048).all().all()
+    assert (cohort[["level0_width", "level0_height"]] == 3072).all().all()
     for row in cohort.itertuples():
         tiles = pq.read_table(demo_run / f"results/tiles/{row.slide_id}.parquet")
         assert tiles.schema.names == ["x", "y", "tissue"]
         assert str(tiles.schema.field("x").type) == "int64" and str(tiles.schema.field("tissue").type) == "float"
         frame = tiles.to_pandas()
         assert len(frame) == row.n_tiles > 0
-        assert (frame["x"] % 224 == 0).all() and (frame["x"] + 224 <= 2048).all() and (frame["y"] + 224 <= 2048).all()
+        assert (frame["x"] % 224 == 0).all() and (frame["x"] + 224 <= 3072).all() and (frame["y"] + 224 <= 3072).all()
         assert ((frame["tissue"] >= 0.5) & (frame["tissue"] <= 1.0)).all()
         assert not frame.duplicated(["x", "y"]).any()
         meta = read_metadata(demo_run / f"results/tiles/{row.slide_id}.parquet")
@@ -95,7 +96,7 @@ def test_demo_cohort_tiles_every_slide_with_the_contract(demo_run):
 
 
 def test_rerun_with_no_change_does_nothing(demo_run):
-    result = snakemake(demo_run, "-n", *SMALL_DEMO)
+    result = snakemake(demo_run, "-n", *DEMO)
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
@@ -111,7 +112,15 @@ def test_real_slide_cohort_with_a_broken_slide_recorded(repo, shared_data, tmp_p
     sheet.write_text("slide_id\tpatient_id\tpath\tmpp\n" + "".join(f"{a}\t{b}\t{c}\t{d}\n" for a, b, c, d in rows))
     clinical = tmp_path / "clinical.tsv"
     clinical.write_text("patient_id\ttime\tevent\nP1\t10\t1\nP2\t5\t0\n")
-    config = ["--config", f"slides={sheet}", f"clinical={clinical}", "on_slide_error=record"]
+    (workdir / "tiny.yaml").write_text(TINY)
+    config = [
+        "--configfile",
+        "tiny.yaml",
+        "--config",
+        f"slides={sheet}",
+        f"clinical={clinical}",
+        "on_slide_error=record",
+    ]
     result = snakemake(workdir, *config)
     assert "P3" in result.stderr  # the patient without a clinical row is named in a warning
     cohort = pd.read_csv(workdir / "results/qc/cohort.tsv", sep="\t").set_index("slide_id")
@@ -125,7 +134,16 @@ def test_real_slide_cohort_with_a_broken_slide_recorded(repo, shared_data, tmp_p
 
     # the same cohort under the default policy fails, naming the slide, and keeps the other slides' outputs
     shutil.rmtree(workdir / "results")
-    failed = snakemake(workdir, "--keep-going", "--config", f"slides={sheet}", f"clinical={clinical}", check=False)
+    failed = snakemake(
+        workdir,
+        "--keep-going",
+        "--configfile",
+        "tiny.yaml",
+        "--config",
+        f"slides={sheet}",
+        f"clinical={clinical}",
+        check=False,
+    )
     assert failed.returncode != 0
     log = (workdir / "results/logs/tile/unreadable.log").read_text()
     assert "slide 'unreadable'" in log and "Bogus marker length" in log
@@ -154,13 +172,31 @@ def test_demo_embeddings_one_file_per_slide_one_model_load_per_shard(demo_run):
     cohort = pd.read_csv(demo_run / "results/qc/cohort.tsv", sep="\t")
     for row in cohort.itertuples():
         tiles = pq.read_table(demo_run / f"results/tiles/{row.slide_id}.parquet")
-        embeddings = pq.read_table(demo_run / f"results/embeddings/tiny/{row.slide_id}.parquet")
+        embeddings = pq.read_table(demo_run / f"results/embeddings/demo/{row.slide_id}.parquet")
         assert embeddings.column("x").to_pylist() == tiles.column("x").to_pylist()
         assert embeddings.column("y").to_pylist() == tiles.column("y").to_pylist()
-        meta = read_metadata(demo_run / f"results/embeddings/tiny/{row.slide_id}.parquet")
-        assert meta["model_name"] == "tiny" and meta["dim"] == 32 and meta["slide_id"] == row.slide_id
-    logs = sorted((demo_run / "results/logs/embed/tiny").glob("shard*.log"))
-    assert len(logs) == 3  # 10 slides in shards of 4
+        meta = read_metadata(demo_run / f"results/embeddings/demo/{row.slide_id}.parquet")
+        assert meta["model_name"] == "demo" and meta["dim"] == 64 and meta["slide_id"] == row.slide_id
+        assert meta["preprocessing"]["image_size"] == 112  # the demo CLIP was trained at 112 px
+    logs = sorted((demo_run / "results/logs/embed/demo").glob("shard*.log"))
+    assert len(logs) == 3  # 36 slides in shards of 16
     for log in logs:
         text = log.read_text()
-        assert text.count("model tiny loaded") == 1 and "shard done" in text
+        assert text.count("model demo loaded") == 1 and "shard done" in text
+
+
+def test_demo_zero_shot_calls_reach_the_accuracy_bar_on_held_out_slides(demo_run):
+    sheet = pd.read_csv(demo_run / "results/demo/slides.tsv", sep="\t")
+    train_slides = set(sheet.loc[sheet["split"] == "train", "slide_id"])
+    pairs = pd.read_csv(demo_run / "results/demo/training_pairs.tsv", sep="\t")
+    assert set(pairs["slide_id"]) <= train_slides  # the demo CLIP saw only training slides
+    calls = pd.read_csv(demo_run / "results/zeroshot/demo/demo/calls.tsv", sep="\t", keep_default_na=False)
+    assert list(calls.columns[:6]) == ["slide_id", "call", "p_adenocarcinoma", "p_squamous", "margin", "abstain"]
+    assert sorted(calls["slide_id"]) == sorted(sheet["slide_id"])
+    evaluation = json.loads((demo_run / "results/zeroshot/demo/demo/evaluation.json").read_text())
+    assert not set(evaluation["slides"]) & train_slides
+    assert evaluation["n"] == (sheet["split"] != "train").sum() >= 15
+    assert evaluation["balanced_accuracy"] >= 0.9
+    held_out = calls[~calls["slide_id"].isin(train_slides)]
+    recomputed = balanced_accuracy_score(held_out["label"], held_out["call"])
+    assert recomputed == pytest.approx(evaluation["balanced_accuracy"])

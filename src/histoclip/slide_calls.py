@@ -1,0 +1,194 @@
+"""Zero-shot calls for a cohort: text classifier per (model, prompt set), tile scores, slide calls, evaluation.
+
+The text classifier is computed once per (model, prompt set) and stored with the prompts' hash and the
+model's weights hash, so calls made months later can be traced to the exact wording and weights. Slides are
+scored one at a time from their embedding files: memory does not grow with the cohort.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from histoclip import store
+from histoclip.evaluation import evaluate
+from histoclip.models import LoadedModel
+from histoclip.prompts import PromptSet
+from histoclip.sheets import SlideRecord
+from histoclip.zeroshot import call_slide, pool, text_classifier, tile_scores
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TextClassifier:
+    classes: list[str]
+    called: list[bool]
+    weights: np.ndarray
+    logit_scale: float
+    metadata: dict[str, Any]
+
+    @property
+    def called_classes(self) -> list[str]:
+        return [c for c, is_called in zip(self.classes, self.called, strict=True) if is_called]
+
+
+@dataclass(frozen=True)
+class CallSettings:
+    pooling: str = "topk"
+    top_k: int = 50
+    lse_temperature: float = 1.0
+    abstain_margin: float = 0.0
+    bootstrap: int = 1000
+    seed: int = 0
+
+
+def write_text_classifier(model: LoadedModel, prompt_set: PromptSet, path: str | Path) -> TextClassifier:
+    """Encode every prompt of ``prompt_set`` with ``model`` and store the per-class classifier weights."""
+    classes, weights = text_classifier(lambda texts: model.encode_texts(texts).cpu().numpy(), prompt_set)
+    called = [c in prompt_set.classes for c in classes]
+    dim = weights.shape[1]
+    table = pa.table(
+        {
+            "class": pa.array(classes, pa.string()),
+            "called": pa.array(called, pa.bool_()),
+            "n_prompts": pa.array([len(prompt_set.prompts(c)) for c in classes], pa.int32()),
+            "weights": pa.FixedSizeListArray.from_arrays(pa.array(weights.astype(np.float32).ravel()), dim),
+        }
+    )
+    meta = {
+        "prompt_set": prompt_set.name,
+        "prompts_sha256": prompt_set.sha256,
+        "logit_scale": model.logit_scale,
+        **model.provenance(),
+    }
+    store.write_table_atomic(path, table, meta)
+    return TextClassifier(classes, called, weights, model.logit_scale, meta)
+
+
+def read_text_classifier(path: str | Path) -> TextClassifier:
+    table = pq.read_table(path)
+    meta = store.read_metadata(path)
+    weights = np.stack(table.column("weights").to_numpy(zero_copy_only=False)).astype(np.float64)
+    return TextClassifier(
+        table.column("class").to_pylist(), table.column("called").to_pylist(), weights, meta["logit_scale"], meta
+    )
+
+
+def read_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """(x, y, embeddings [N, D] float32, metadata) of one slide's embedding file."""
+    table = pq.read_table(path)
+    meta = store.read_metadata(path)
+    column = table.column("embedding").combine_chunks()
+    dim = column.type.list_size
+    values = column.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+    return table.column("x").to_numpy(), table.column("y").to_numpy(), values, meta
+
+
+def call_cohort(
+    records: Sequence[SlideRecord],
+    embedding_files: Sequence[str | Path],
+    classifier: TextClassifier,
+    out_dir: str | Path,
+    settings: CallSettings = CallSettings(),
+) -> pd.DataFrame:
+    """Score and call every slide; write tile scores, ``calls.tsv`` and (with labels) the evaluation.
+
+    Outputs in ``out_dir``: ``tile_scores/{slide}.parquet`` (x, y, one ``score_<class>`` column per class,
+    background classes included), ``calls.tsv`` (slide_id, call, ``p_<class>`` per called class, margin,
+    abstain, best, n_tiles, status, and label/split when the sheet has them), and when labels exist
+    ``evaluation.json`` + ``confusion.tsv`` over the evaluated slides (labelled, not in the ``train`` split).
+    """
+    out_dir = Path(out_dir)
+    called = classifier.called_classes
+    called_columns = [classifier.classes.index(c) for c in called]
+    if classifier.metadata.get("weights_sha256") is None:
+        raise ValueError("text classifier without model provenance")
+    rows = []
+    for record, path in zip(records, embedding_files, strict=True):
+        x, y, embeddings, meta = read_embeddings(path)
+        if meta.get("weights_sha256") != classifier.metadata["weights_sha256"]:
+            raise ValueError(
+                f"slide {record.slide_id!r}: embeddings in {path} were made with weights "
+                f"{str(meta.get('weights_sha256'))[:12]}…, the text classifier with "
+                f"{classifier.metadata['weights_sha256'][:12]}…; re-run the embedding step"
+            )
+        row: dict[str, Any] = {"slide_id": record.slide_id, "n_tiles": len(x), "status": meta.get("status", "ok")}
+        scores = tile_scores(embeddings, classifier.weights) if len(x) else np.zeros((0, len(classifier.classes)))
+        tile_table = pa.table(
+            {"x": pa.array(x, pa.int64()), "y": pa.array(y, pa.int64())}
+            | {f"score_{c}": pa.array(scores[:, i].astype(np.float32)) for i, c in enumerate(classifier.classes)}
+        )
+        store.write_table_atomic(
+            out_dir / "tile_scores" / f"{record.slide_id}.parquet",
+            tile_table,
+            {
+                "slide_id": record.slide_id,
+                "classes": classifier.classes,
+                "prompt_set": classifier.metadata["prompt_set"],
+            },
+        )
+        if len(x) == 0:
+            row |= {"call": "", "best": "", "margin": np.nan, "abstain": True}
+            row |= {f"p_{c}": np.nan for c in called}
+            if row["status"] == "ok":
+                row["status"] = "no tiles"
+        else:
+            slide_scores = pool(
+                scores[:, called_columns], settings.pooling, k=settings.top_k, temperature=settings.lse_temperature
+            )
+            result = call_slide(slide_scores, called, classifier.logit_scale, settings.abstain_margin)
+            row |= {"call": result.call or "", "best": result.best, "margin": result.margin, "abstain": result.abstain}
+            row |= {f"p_{c}": result.probabilities[c] for c in called}
+        if record.label is not None:
+            row["label"] = record.label
+        if "split" in record.extra:
+            row["split"] = record.extra["split"]
+        rows.append(row)
+    columns = ["slide_id", "call", *[f"p_{c}" for c in called], "margin", "abstain", "best", "n_tiles", "status"]
+    calls = pd.DataFrame(rows)
+    calls = calls[columns + [c for c in ("label", "split") if c in calls.columns]]
+    store.write_text_atomic(out_dir / "calls.tsv", calls.to_csv(sep="\t", index=False, float_format="%.6g"))
+    if "label" in calls.columns:
+        _write_evaluation(calls, called, out_dir, settings)
+    return calls
+
+
+def evaluated_slides(calls: pd.DataFrame, called: Sequence[str]) -> pd.DataFrame:
+    """Slides that count for evaluation: labelled with a called class, scored, and not used for training."""
+    keep = calls["label"].isin(called) & (calls["n_tiles"] > 0)
+    if "split" in calls.columns:
+        keep &= calls["split"].astype(str).str.lower() != "train"
+    return calls[keep]
+
+
+def _write_evaluation(calls: pd.DataFrame, called: Sequence[str], out_dir: Path, settings: CallSettings) -> None:
+    other = sorted(set(calls["label"].dropna()) - set(called) - {""})
+    if other:
+        log.warning("labels %s are not classes of the prompt set %s: those slides are not evaluated", other, called)
+    subset = evaluated_slides(calls, called)
+    if subset.empty:
+        log.warning("no labelled, non-training slides to evaluate")
+        return
+    predictions = [c if c else None for c in subset["call"]]
+    probs = subset[[f"p_{c}" for c in called]].to_numpy(dtype=np.float64)
+    result = evaluate(
+        subset["label"].tolist(), predictions, probs, list(called), n_bootstrap=settings.bootstrap, seed=settings.seed
+    )
+    result["slides"] = subset["slide_id"].tolist()
+    result["settings"] = settings.__dict__
+    if result.get("warning"):
+        log.warning("%s", result["warning"])
+    store.write_text_atomic(out_dir / "evaluation.json", json.dumps(result, indent=2, default=float) + "\n")
+    confusion = pd.DataFrame(result["confusion"]).T.reindex(index=list(called), columns=list(called)).fillna(0)
+    confusion.index.name = "true \\ called"
+    store.write_text_atomic(out_dir / "confusion.tsv", confusion.astype(int).to_csv(sep="\t"))
