@@ -167,3 +167,8 @@ def training_inputs(wildcards):
     elif base.endswith(".json"):
         inputs["base"] = base
     return inputs
+
+
+def figure_style(wildcards=None):
+    """The shared figure style (config key ``figures``, style keys only): a params entry of every figure rule."""
+    return {k: config["figures"][k] for k in ("width_in", "height_in", "dpi", "font_size", "formats")}

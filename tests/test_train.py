@@ -124,6 +124,26 @@ def test_read_pairs_errors_name_file_row_and_fix(cohort, tmp_path):
         read_pairs(no_sheet)
 
 
+def test_time_budget_schedule_follows_steps_not_the_clock():
+    from histoclip.train import _lr_at, _Progress
+
+    settings = TrainSettings(max_seconds=100, warmup_fraction=0.1)
+    schedule = _Progress(None, deadline=100.0, started=0.0)
+    now, lrs = 0.0, []
+    for step in range(10_000):
+        if now >= 100.0:
+            break
+        lrs.append(_lr_at(schedule.before_step(step, now), settings))
+        now += 5.0 if now < 40 else 0.5  # 8 slow steps (a busy machine), then 120 fast ones
+        schedule.after_step(now)
+    assert len(lrs) == 128
+    # the slow start did not use up the schedule: the fast steps get the peak and a whole cosine decay
+    # (by elapsed time, step 68 would be at 70 % of the budget, lr 0.25 of the peak)
+    assert max(lrs[20:40]) > 0.9 * settings.lr and lrs[68] > 0.45 * settings.lr
+    assert lrs[-1] < 0.01 * settings.lr
+    assert all(b <= a + 1e-12 for a, b in zip(lrs[32:], lrs[33:], strict=False))  # then a monotone decay
+
+
 def test_settings_need_a_budget():
     with pytest.raises(InputError, match="neither steps nor max_seconds"):
         TrainSettings(steps=None, max_seconds=None)

@@ -31,7 +31,8 @@ How (and why, on a CPU):
   scale of at most 100), AdamW (no weight decay on gains, biases and the temperature), linear warm-up then
   cosine to 0 over the budget. The budget is ``steps`` and/or ``max_seconds`` (wall time of the whole call
   up to the last step, loading and reading included), whichever runs out first; with a time budget the
-  schedule follows elapsed time, so only a step-bounded run (``max_seconds=None``) is bit-reproducible.
+  schedule is laid over the steps the time is expected to allow at the recent step rate (see
+  ``_Progress``), so only a step-bounded run (``max_seconds=None``) is bit-reproducible.
 
 Output (``out_dir``, written into a temporary folder beside it and renamed into place only when complete):
 ``open_clip_config.json`` (``model_cfg`` with the training image size, ``preprocess_cfg``),
@@ -46,6 +47,7 @@ repeats) the contrastive loss cannot go below about ``ln(B / k)``.
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import json
@@ -796,6 +798,45 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
+class _Progress:
+    """Fraction of the budget used before each step, for the learning-rate schedule.
+
+    With ``steps``: the step count. With ``max_seconds``: the steps done over the steps expected in all, the
+    rest estimated from the recent step rate (last 20 steps), and 1 at the deadline. At a steady speed that
+    is the elapsed fraction of the time; when the speed changes (another job takes or frees the cores) the
+    rest of the schedule is laid over the steps that are actually coming: after a slow start the warm-up and
+    peak are not spent on a handful of steps (the schedule may step back, a warm restart), and when steps
+    slow down the decay speeds up so as to reach 0 at the deadline. Measured on the demo, cores shared for
+    the first minute: a schedule by elapsed time gave 0.65 slide accuracy after 154 steps.
+    """
+
+    def __init__(self, steps: int | None, deadline: float | None, started: float) -> None:
+        self.steps, self.deadline = steps, deadline
+        self.times = collections.deque([started], maxlen=21)
+
+    def before_step(self, step: int, now: float) -> float:
+        progress = (step + 1) / self.steps if self.steps is not None else 0.0
+        if self.deadline is not None and step > 0:
+            rate = (len(self.times) - 1) / max(self.times[-1] - self.times[0], 1e-9)
+            remaining_steps = max(self.deadline - now, 0.0) * rate
+            progress = max(progress, (step + 1) / (step + 1 + remaining_steps))
+        return min(1.0, progress)
+
+    def after_step(self, now: float) -> None:
+        self.times.append(now)
+
+
+def _adamw(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+    """AdamW, fused where torch has the kernel: on 2 CPU cores the default per-tensor loop spends 0.1-0.3 s
+    per step on the demo model's 7.6 M parameters (most in the token embedding), the fused one 0.01 s."""
+    groups = _param_groups(model, settings.weight_decay)
+    options = {"lr": settings.lr, "betas": (0.9, 0.98), "eps": 1e-6}
+    try:
+        return torch.optim.AdamW(groups, fused=True, **options)
+    except (RuntimeError, TypeError, ValueError):  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(_param_groups(model, settings.weight_decay), foreach=True, **options)
+
+
 def _lr_at(progress: float, settings: TrainSettings) -> float:
     warm = settings.warmup_fraction
     if warm > 0 and progress < warm:
@@ -1052,16 +1093,14 @@ def train_clip(
 
     logit_bias = getattr(model, "logit_bias", None)
     loss_fn = open_clip.loss.SigLipLoss() if logit_bias is not None else open_clip.loss.ClipLoss()
-    optimizer = torch.optim.AdamW(
-        _param_groups(model, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.98), eps=1e-6
-    )
+    optimizer = _adamw(model, settings)
     augment_generator = torch.Generator().manual_seed(settings.seed + 1)
     rows: list[tuple[int, float, float, float]] = []
     previous_threads = torch.get_num_threads()
     if dev.type == "cpu":
         torch.set_num_threads(images.torch_threads)
     train_started = time.perf_counter()
-    budget_seconds = max(deadline - train_started, 1e-9) if deadline is not None else None
+    schedule = _Progress(settings.steps, deadline, train_started)
     stopped_by, step, images_seen = "steps", 0, 0
     model.train()
     iterator = images.batches(keys)
@@ -1073,10 +1112,7 @@ def train_clip(
             if deadline is not None and step > 0 and now >= deadline:
                 stopped_by = "max_seconds"
                 break
-            progress = (step + 1) / settings.steps if settings.steps is not None else 0.0
-            if budget_seconds is not None:
-                progress = max(progress, (now - train_started) / budget_seconds)
-            lr = _lr_at(min(progress, 1.0), settings)
+            lr = _lr_at(schedule.before_step(step, now), settings)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             index, pixels = next(iterator)
@@ -1107,7 +1143,9 @@ def train_clip(
                 )
             step += 1
             images_seen += int(flat.shape[0])
-            rows.append((step, value, lr, time.perf_counter() - train_started))
+            done = time.perf_counter()
+            schedule.after_step(done)
+            rows.append((step, value, lr, done - train_started))
             if settings.log_every and (step == 1 or step % settings.log_every == 0):
                 elapsed = time.perf_counter() - train_started
                 logger.info("step %d loss %.4f lr %.2e %.0f img/s", step, value, lr, images_seen / max(elapsed, 1e-9))
