@@ -78,6 +78,7 @@ from histoclip.synth import (
     TISSUE_CLASSES,
     read_class_map,
 )
+from histoclip.zeroshot import class_weights
 
 __all__ = [
     "PAIR_KINDS",
@@ -88,7 +89,6 @@ __all__ = [
     "pair_kind",
     "prompts_from_synonyms",
     "read_pairs",
-    "text_classifier",
     "train_clip",
 ]
 
@@ -690,14 +690,6 @@ def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return out.clamp_(0, 255)
 
 
-def _normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """float or uint8 NHWC (0-255) → normalised float NCHW."""
-    device = images.device
-    scale = 1.0 / (255.0 * torch.tensor(std, device=device))
-    shift = -torch.tensor(mean, device=device) / torch.tensor(std, device=device)
-    return torch.addcmul(shift, images.float(), scale).permute(0, 3, 1, 2).contiguous()
-
-
 # --------------------------------------------------------------------------------------------------
 # Zero-shot helpers
 
@@ -707,19 +699,6 @@ def prompts_from_synonyms(
 ) -> dict[str, list[str]]:
     """Per class, every template × synonym (the demo's captions are drawn from the same product)."""
     return {name: [t.format(s) for s in words for t in templates] for name, words in synonyms.items()}
-
-
-def text_classifier(model: LoadedModel, class_prompts: Mapping[str, Sequence[str]]) -> tuple[list[str], torch.Tensor]:
-    """Class names and a [C, D] matrix: per class the mean of its prompts' L2-normalised text embeddings,
-    renormalised (CONCH / MI-Zero)."""
-    names = list(class_prompts)
-    rows = []
-    for name in names:
-        prompts = list(class_prompts[name])
-        if not prompts:
-            raise InputError(f"class {name!r} has no prompts", where="class prompts", fix="give it at least one")
-        rows.append(F.normalize(model.encode_texts(prompts).mean(0), dim=-1))
-    return names, torch.stack(rows)
 
 
 @torch.inference_mode()
@@ -739,7 +718,8 @@ def _zero_shot(
     prompts: Any,
     bag: bool,
 ) -> dict[str, Any]:
-    names, classifier = text_classifier(model, prompts)
+    names, weights = class_weights(lambda texts: model.encode_texts(texts).cpu(), prompts, what="class prompts")
+    classifier = torch.from_numpy(weights).float()
     predicted: list[int] = []
     for _, images in batches:
         scores = _encode(model, images, bag) @ classifier.T.to(model.device)
@@ -1120,7 +1100,7 @@ def train_clip(
             flat = pixels.reshape(-1, *pixels.shape[-3:]) if bag else pixels
             if settings.augment:
                 flat = _augment(flat, augment_generator)
-            x = _normalise(flat, loaded.mean, loaded.std)
+            x = loaded.preprocess_on_device(flat)
             text = tokens.index_select(0, caption_index_t.index_select(0, index.to(dev)))
             with torch.autocast(device_type=dev.type, dtype=dtype, enabled=dtype is not None):
                 image_features = model.encode_image(x)

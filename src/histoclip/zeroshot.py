@@ -27,7 +27,7 @@ All arithmetic is float64; float16/float32 inputs are accepted.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +39,7 @@ __all__ = [
     "POOLING_METHODS",
     "SlideCall",
     "call_slide",
+    "class_weights",
     "pool",
     "probabilities",
     "text_classifier",
@@ -67,10 +68,16 @@ def _normalise_rows(matrix: np.ndarray, what: str) -> np.ndarray:
     return matrix / norms
 
 
-def text_classifier(
-    encode_texts: Callable[[list[str]], Any], prompt_set: PromptSet, batch_size: int = 256
+def class_weights(
+    encode_texts: Callable[[list[str]], Any],
+    class_prompts: Mapping[str, Sequence[str]],
+    *,
+    batch_size: int = 256,
+    what: str = "prompts",
 ) -> tuple[list[str], np.ndarray]:
-    """Class names (``prompt_set.all_classes`` order) and unit-norm classifier weights ``[C, D]`` (float64).
+    """Class names and unit-norm weights ``[C, D]`` (float64): per class, the mean of its prompts' L2-normalised
+    text embeddings, renormalised (CONCH / MI-Zero). The one implementation of the text classifier, used by
+    the zero-shot rules and by training's held-in check.
 
     ``encode_texts`` maps a list of strings to an ``[n, D]`` array or tensor, normalised or not (each prompt
     embedding is normalised here before averaging, so both give the same weights). Prompts of all classes
@@ -78,8 +85,11 @@ def text_classifier(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    classes = prompt_set.all_classes
-    per_class = [prompt_set.prompts(cls) for cls in classes]
+    classes = list(class_prompts)
+    per_class = [list(class_prompts[cls]) for cls in classes]
+    for cls, prompts in zip(classes, per_class, strict=True):
+        if not prompts:
+            raise ValueError(f"{what}: class {cls!r} has no prompts")
     texts = [text for prompts in per_class for text in prompts]
     chunks = []
     for start in range(0, len(texts), batch_size):
@@ -90,13 +100,21 @@ def text_classifier(
                 f"encode_texts returned shape {encoded.shape} for {len(batch)} texts; expected [{len(batch)}, D]"
             )
         chunks.append(encoded)
-    embeddings = _normalise_rows(np.concatenate(chunks), f"text embeddings of prompt set {prompt_set.name!r}")
+    embeddings = _normalise_rows(np.concatenate(chunks), f"text embeddings of {what}")
     weights = np.empty((len(classes), embeddings.shape[1]), dtype=np.float64)
     start = 0
     for row, prompts in enumerate(per_class):
         weights[row] = embeddings[start : start + len(prompts)].mean(axis=0)
         start += len(prompts)
-    return classes, _normalise_rows(weights, f"class weights of prompt set {prompt_set.name!r}")
+    return classes, _normalise_rows(weights, f"class weights of {what}")
+
+
+def text_classifier(
+    encode_texts: Callable[[list[str]], Any], prompt_set: PromptSet, batch_size: int = 256
+) -> tuple[list[str], np.ndarray]:
+    """Class names (``prompt_set.all_classes`` order) and unit-norm classifier weights ``[C, D]`` (float64)."""
+    class_prompts = {cls: prompt_set.prompts(cls) for cls in prompt_set.all_classes}
+    return class_weights(encode_texts, class_prompts, batch_size=batch_size, what=f"prompt set {prompt_set.name!r}")
 
 
 def tile_scores(embeddings: np.ndarray, weights: np.ndarray) -> np.ndarray:
