@@ -8,12 +8,16 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+report: "config/report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/demo.smk"
 include: "rules/tiling.smk"
 include: "rules/training.smk"
 include: "rules/embedding.smk"
 include: "rules/zeroshot.smk"
+include: "rules/figures.smk"
 
 
 rule all:

@@ -88,7 +88,14 @@ def qc_thumbnails(wildcards=None):
 
 
 def all_outputs(wildcards):
-    return ["results/qc/cohort.tsv", *qc_thumbnails(), *embedding_files(), *zeroshot_calls()]
+    return [
+        "results/qc/cohort.tsv",
+        *qc_thumbnails(),
+        *embedding_files(),
+        *zeroshot_calls(),
+        "results/figures/cohort_qc.tsv",
+        *zeroshot_figures(),
+    ]
 
 
 def embedding_models():
@@ -172,3 +179,41 @@ def training_inputs(wildcards):
 def figure_style(wildcards=None):
     """The shared figure style (config key ``figures``, style keys only): a params entry of every figure rule."""
     return {k: config["figures"][k] for k in ("width_in", "height_in", "dpi", "font_size", "formats")}
+
+
+def figure_outputs(stem, *, caption, category, subcategory=None, name=None, labels=None):
+    """Named outputs of one figure: ``{stem}.{fmt}`` for each configured format plus ``{stem}.tsv`` (its source
+    data). The PNG (or, without one, the first format) goes into the HTML report with ``caption``
+    (config/report/); keys are the formats, prefixed with ``{name}_`` when a rule draws several figures."""
+    formats = list(config["figures"]["formats"])
+    shown = "png" if "png" in formats else formats[0]
+    prefix = f"{name}_" if name else ""
+    outputs = {}
+    for fmt in [*formats, "tsv"]:
+        path = f"{stem}.{fmt}"
+        if fmt == shown:
+            path = report(
+                path,
+                caption=f"../config/report/{caption}",
+                category=category,
+                subcategory=subcategory,
+                labels=labels,
+            )
+        outputs[f"{prefix}{fmt}"] = path
+    return outputs
+
+
+def has_labels():
+    return any(record.label for record in cohort().values())
+
+
+def zeroshot_figures(wildcards=None):
+    """Confusion and ROC figures per (model, prompt set); only when the sheet has labels to evaluate."""
+    if not Path(config["slides"]).exists() or not has_labels():
+        return []
+    return expand(
+        "results/figures/zeroshot/{model}/{promptset}/{figure}.tsv",
+        model=embedding_models(),
+        promptset=prompt_set_names(),
+        figure=("confusion", "roc"),
+    )

@@ -27,10 +27,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from histoclip.prompts import PromptSet
 
-__all__ = ["COLLAPSE_FRACTION", "evaluate", "prompt_sensitivity"]
+__all__ = ["COLLAPSE_FRACTION", "binary_auc", "evaluate", "evaluated_slides", "prompt_sensitivity"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,8 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def _binary_auc(positive: np.ndarray, score: np.ndarray) -> float:
+def binary_auc(positive: np.ndarray, score: np.ndarray) -> float:
+    """ROC AUC of ``score`` for the boolean ``positive`` (Mann-Whitney form, ties counted half)."""
     n_pos = int(positive.sum())
     n_neg = len(positive) - n_pos
     ranks = _average_ranks(score)
@@ -85,8 +87,8 @@ def _macro_auc(true_idx: np.ndarray, probs: np.ndarray, n_classes: int) -> float
     if np.bincount(true_idx, minlength=n_classes).min() == 0:
         return None
     if n_classes == 2:  # scikit-learn's binary case: the second class is positive, scored by its column
-        return _binary_auc(true_idx == 1, probs[:, 1])
-    return float(np.mean([_binary_auc(true_idx == c, probs[:, c]) for c in range(n_classes)]))
+        return binary_auc(true_idx == 1, probs[:, 1])
+    return float(np.mean([binary_auc(true_idx == c, probs[:, c]) for c in range(n_classes)]))
 
 
 def _interval(values: list[float | None]) -> dict[str, Any]:
@@ -248,3 +250,11 @@ def prompt_sensitivity(
             max=float(max(values)),
         )
     return summary
+
+
+def evaluated_slides(calls: pd.DataFrame, called: Sequence[str]) -> pd.DataFrame:
+    """Slides that count for evaluation: labelled with a called class, scored, and not used for training."""
+    keep = calls["label"].isin(called) & (calls["n_tiles"] > 0)
+    if "split" in calls.columns:
+        keep &= calls["split"].astype(str).str.lower() != "train"
+    return calls[keep]

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from histoclip import store
-from histoclip.evaluation import evaluate
+from histoclip.evaluation import evaluate, evaluated_slides
 from histoclip.models import LoadedModel
 from histoclip.prompts import PromptSet
 from histoclip.sheets import SlideRecord
@@ -161,14 +161,6 @@ def call_cohort(
     if "label" in calls.columns:
         _write_evaluation(calls, called, out_dir, settings)
     return calls
-
-
-def evaluated_slides(calls: pd.DataFrame, called: Sequence[str]) -> pd.DataFrame:
-    """Slides that count for evaluation: labelled with a called class, scored, and not used for training."""
-    keep = calls["label"].isin(called) & (calls["n_tiles"] > 0)
-    if "split" in calls.columns:
-        keep &= calls["split"].astype(str).str.lower() != "train"
-    return calls[keep]
 
 
 def _write_evaluation(calls: pd.DataFrame, called: Sequence[str], out_dir: Path, settings: CallSettings) -> None:

@@ -1,0 +1,17 @@
+"""Rule figure_zeroshot: calls.tsv → confusion matrix and ROC figures of the held-out labelled slides."""
+
+import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
+import pandas as pd
+
+from histoclip.figures import zeroshot_confusion_figure, zeroshot_roc_figure
+from histoclip.logs import rule_log
+from histoclip.plots import FigureStyle, save_figure
+
+with rule_log(snakemake.log[0], "histoclip.figures") as log:
+    style = FigureStyle.from_config(snakemake.params.style)
+    calls = pd.read_csv(snakemake.input.calls, sep="\t", dtype={"slide_id": str, "call": str, "label": str})
+    name = f"{snakemake.wildcards.model} / {snakemake.wildcards.promptset}"
+    for kind, draw in (("confusion", zeroshot_confusion_figure), ("roc", zeroshot_roc_figure)):
+        figure, data = draw(calls, style, title=f"Zero-shot {kind}: {name}")
+        stem = snakemake.output[f"{kind}_tsv"].removesuffix(".tsv")
+        log.info("wrote %s", ", ".join(map(str, save_figure(figure, stem, style, data=data, title=name))))
