@@ -11,7 +11,10 @@ with rule_log(snakemake.log[0], "histoclip.figures") as log:
     style = FigureStyle.from_config(snakemake.params.style)
     calls = pd.read_csv(snakemake.input.calls, sep="\t", dtype={"slide_id": str, "call": str, "label": str})
     name = f"{snakemake.wildcards.model} / {snakemake.wildcards.promptset}"
-    for kind, draw in (("confusion", zeroshot_confusion_figure), ("roc", zeroshot_roc_figure)):
-        figure, data = draw(calls, style, title=f"Zero-shot {kind}: {name}")
+    for kind, title, draw in (
+        ("confusion", "Zero-shot calls", zeroshot_confusion_figure),
+        ("roc", "Zero-shot ROC", zeroshot_roc_figure),
+    ):
+        figure, data = draw(calls, style, title=f"{title}: {name}")
         stem = snakemake.output[f"{kind}_tsv"].removesuffix(".tsv")
         log.info("wrote %s", ", ".join(map(str, save_figure(figure, stem, style, data=data, title=name))))

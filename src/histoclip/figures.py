@@ -126,11 +126,13 @@ def roc_points(labels: Sequence[str], probabilities: np.ndarray, classes: Sequen
 
 def zeroshot_roc_figure(calls: pd.DataFrame, style: FigureStyle, title: str = "") -> tuple[Figure, pd.DataFrame]:
     """One-vs-rest ROC curve per called class from the slide probabilities (abstained slides included: the
-    probabilities exist even where the call is withheld)."""
+    probabilities exist even where the call is withheld); with two classes, the one curve of the second."""
     classes = called_classes(calls)
     subset = _evaluated(calls, classes)
     probabilities = subset[[f"p_{c}" for c in classes]].to_numpy(dtype=np.float64)
     points = roc_points(subset["label"].tolist(), probabilities, classes)
+    if len(classes) == 2:  # the two one-vs-rest curves are mirror images: show the second class's, as sklearn
+        points = points[points["class"] == classes[1]].reset_index(drop=True)
     colours = class_colours(classes)
     with style.context():
         size = min(style.width_in, style.height_in)
