@@ -17,7 +17,13 @@ include: "rules/tiling.smk"
 include: "rules/training.smk"
 include: "rules/embedding.smk"
 include: "rules/zeroshot.smk"
+include: "rules/aggregation.smk"
+include: "rules/fewshot.smk"
+include: "rules/retrieval.smk"
+include: "rules/clustering.smk"
+include: "rules/survival.smk"
 include: "rules/figures.smk"
+include: "rules/preflight.smk"
 
 
 rule all:

@@ -95,6 +95,13 @@ def all_outputs(wildcards):
         *zeroshot_calls(),
         "results/figures/cohort_qc.tsv",
         *zeroshot_figures(),
+        *slide_tables(),
+        *fewshot_outputs(),
+        *prompt_sensitivity_outputs(),
+        *evidence_figures(),
+        *retrieval_outputs(),
+        *survival_tables(),
+        *survival_figures(),
     ]
 
 
@@ -216,4 +223,265 @@ def zeroshot_figures(wildcards=None):
         model=embedding_models(),
         promptset=prompt_set_names(),
         figure=("confusion", "roc"),
+    )
+
+
+def zeroshot_call_settings():
+    """The zeroshot keys of a slide call (histoclip.slide_calls.CallSettings) and the seed; the prompt-sensitivity
+    keys are only params of the rules that use them, so changing them re-runs nothing else."""
+    skip = {"prompt_sets", "n_subsets", "template_fraction", "synonym_fraction"}
+    return {k: v for k, v in config["zeroshot"].items() if k not in skip} | {"seed": config["seed"]}
+
+
+# Aggregation, few-shot and prompt sensitivity
+
+
+def slide_patients(wildcards=None):
+    """Patient id of every slide, in sheet order (the slide table's patient_id column)."""
+    return [record.patient_id for record in cohort().values()]
+
+
+def aggregation_prompt_set():
+    """The prompt set whose tile scores give the per-class top-K slide embeddings (None: mean only)."""
+    name = config["aggregation"]["class_embeddings"]
+    if name is not None and name not in prompt_set_names():
+        raise ValueError(
+            f"aggregation.class_embeddings is {name!r}, which is not a prompt set of zeroshot.prompt_sets "
+            f"({prompt_set_names()}): add it there, or set aggregation.class_embeddings to null"
+        )
+    return name
+
+
+def aggregation_tile_scores(wildcards):
+    name = aggregation_prompt_set()
+    return [f"results/zeroshot/{wildcards.model}/{name}/tile_scores"] if name else []
+
+
+def aggregation_settings(wildcards=None):
+    top_k = config["aggregation"]["class_top_k"] or config["zeroshot"]["top_k"]
+    return {"prompt_set": aggregation_prompt_set(), "class_top_k": top_k}
+
+
+def slide_tables(wildcards=None):
+    return expand("results/slides/{model}.parquet", model=embedding_models())
+
+
+def fewshot_settings(wildcards=None):
+    return dict(config["fewshot"]) | {"seed": config["seed"]}
+
+
+def prompt_sensitivity_settings(wildcards=None):
+    """Zero-shot call settings plus the subset draws: what decides the prompt-sensitivity numbers."""
+    keys = ("pooling", "top_k", "lse_temperature", "abstain_margin")
+    keys += ("n_subsets", "template_fraction", "synonym_fraction")
+    return {k: config["zeroshot"][k] for k in keys} | {"seed": config["seed"]}
+
+
+def fewshot_outputs(wildcards=None):
+    """Few-shot tables and figures per (model, prompt set); only when the sheet has labels."""
+    if not Path(config["slides"]).exists() or not has_labels():
+        return []
+    return expand(
+        [
+            "results/fewshot/{model}/{promptset}/summary.tsv",
+            "results/figures/fewshot/{model}/{promptset}/balanced_accuracy_vs_k.tsv",
+        ],
+        model=embedding_models(),
+        promptset=prompt_set_names(),
+    )
+
+
+def prompt_sensitivity_outputs(wildcards=None):
+    """Prompt-sensitivity tables and figures per (model, prompt set); only when the sheet has labels."""
+    if not Path(config["slides"]).exists() or not has_labels():
+        return []
+    return expand(
+        [
+            "results/zeroshot/{model}/{promptset}/prompt_sensitivity.json",
+            "results/figures/zeroshot/{model}/{promptset}/prompt_sensitivity.tsv",
+        ],
+        model=embedding_models(),
+        promptset=prompt_set_names(),
+    )
+
+
+# --- Zero-shot evidence and retrieval (rules/retrieval.smk) ---
+
+
+def evidence_figures(wildcards=None):
+    """Per-slide evidence figures (their source-data TSVs) for every (model, prompt set); empty before the sheet."""
+    if not Path(config["slides"]).exists():
+        return []
+    return expand(
+        "results/zeroshot/{model}/{promptset}/evidence/{slide}.tsv",
+        model=embedding_models(),
+        promptset=prompt_set_names(),
+        slide=slide_ids(),
+    )
+
+
+def retrieval_query_slugs():
+    """File stems of retrieval.queries' galleries (parse time: config only; a slug collision is an error here)."""
+    from histoclip.retrieval import query_slugs
+
+    return query_slugs(config["retrieval"]["queries"])
+
+
+def retrieval_gallery_outputs():
+    """Named outputs of every query's gallery: q{i}_{format} for each figure format and q{i}_tsv."""
+    outputs = {}
+    for i, slug in enumerate(retrieval_query_slugs()):
+        outputs |= figure_outputs(
+            f"results/retrieval/{{model}}/text_to_tiles/{slug}",
+            name=f"q{i}",
+            caption="retrieval_gallery.rst",
+            category="5. Retrieval",
+            subcategory="{model}: text → tiles",
+        )
+    return outputs
+
+
+def retrieval_outputs(wildcards=None):
+    """Retrieval tables (text → tiles, slide neighbours, precision@k) per embedding model."""
+    if not Path(config["slides"]).exists():
+        return []
+    return expand(
+        [
+            "results/retrieval/{model}/text_to_tiles.tsv",
+            "results/retrieval/{model}/slide_neighbours.tsv",
+            "results/retrieval/{model}/slide_retrieval.json",
+        ],
+        model=embedding_models(),
+    )
+
+
+def demo_class_maps(wildcards=None):
+    """The demo's class maps when the cohort is the demo (galleries then name each tile's true class)."""
+    return [f"{DEMO_DIR}/class_maps"] if config["slides"] == f"{DEMO_DIR}/slides.tsv" else []
+
+
+# ---- survival (rules/survival.smk)
+
+
+@functools.cache
+def survival_plan():
+    """The `survival` section parsed and checked once at parse time (terms, endpoint coding); cheap: lifelines is
+    only imported by the rule itself."""
+    from histoclip.survival import SurvivalPlan
+
+    return SurvivalPlan.from_config(
+        config["survival"], seed=config["seed"], abstain_margin=config["zeroshot"]["abstain_margin"]
+    )
+
+
+def survival_prompt_set():
+    return config["survival"]["prompt_set"] or prompt_set_names()[0]
+
+
+def survival_inputs(wildcards):
+    """Clinical table, sheet, and only the slide-level tables the configured terms and groupings read."""
+    from histoclip.survival import required_sources
+
+    if not config["clinical"]:
+        raise ValueError("survival needs a clinical table: set `clinical` in the config (or --config clinical=PATH)")
+    sources = {
+        "calls": f"results/zeroshot/{wildcards.model}/{survival_prompt_set()}/calls.tsv",
+        "composition": f"results/phenotypes/{wildcards.model}/composition.tsv",
+        "class_composition": f"results/phenotypes/{wildcards.model}/class_composition.tsv",
+        "clusters": f"results/clusters/{wildcards.model}/slide_clusters.tsv",
+    }
+    inputs = {"clinical": config["clinical"], "sheet": config["slides"]}
+    return inputs | {source: sources[source] for source in required_sources(survival_plan())}
+
+
+def survival_grouping_names():
+    """Kaplan–Meier groupings as they appear in file names (clinical:sex → clinical_sex)."""
+    from histoclip.survival import grouping_file_name
+
+    return [grouping_file_name(g) for g in survival_plan().groupings]
+
+
+def survival_km_figure_outputs():
+    """figure_outputs of every Kaplan–Meier figure, keys km_{name}_{fmt}."""
+    outputs = {}
+    for name in survival_grouping_names():
+        outputs |= figure_outputs(
+            f"results/figures/survival/{{model}}/km_{name}",
+            name=f"km_{name}",
+            caption="survival_km.rst",
+            category="6. Survival",
+            subcategory="{model}",
+        )
+    return outputs
+
+
+def survival_tables(wildcards=None):
+    """Survival tables of every model (none without a clinical table)."""
+    if not config["clinical"]:
+        return []
+    names = ["patients", "cox_univariable", "cox_multivariable", "cindex"]
+    names += [f"km_{n}{suffix}" for n in survival_grouping_names() for suffix in ("", "_logrank")]
+    return expand("results/survival/{model}/{name}.tsv", model=embedding_models(), name=names)
+
+
+def survival_figures(wildcards=None):
+    """Forest and Kaplan–Meier figures of every model (their source-data TSVs stand for each figure's files)."""
+    if not config["clinical"]:
+        return []
+    names = ["forest", *[f"km_{n}" for n in survival_grouping_names()]]
+    return expand("results/figures/survival/{model}/{name}.tsv", model=embedding_models(), name=names)
+
+
+# --- tile phenotypes and slide clustering (rules/clustering.smk) ---
+
+
+def phenotype_settings(wildcards=None):
+    return {**config["phenotypes"], "seed": config["seed"]}
+
+
+def clustering_settings(wildcards=None):
+    return {**config["clustering"], "seed": config["seed"]}
+
+
+def phenotype_classifiers(wildcards):
+    """Text classifiers of every prompt set (the first one names the phenotypes in class_composition.tsv)."""
+    return expand(
+        "results/zeroshot/{model}/{promptset}/text_classifier.parquet",
+        model=wildcards.model,
+        promptset=prompt_set_names(),
+    )
+
+
+def rule_writes(path):
+    """Whether a rule of the workflow writes ``path`` (e.g. the aggregation stage's slide table)."""
+    return any(rule.is_producer(path) for rule in workflow.rules)
+
+
+def slide_cluster_inputs(wildcards):
+    """Slide features for clustering: phenotype compositions, or slide embeddings (the aggregation stage's table
+    when the workflow has one, else the tile embeddings, averaged by the clustering job itself)."""
+    if config["clustering"]["slide_features"] == "composition":
+        return {"composition": f"results/phenotypes/{wildcards.model}/composition.tsv"}
+    if rule_writes(f"results/slides/{wildcards.model}.parquet"):
+        return {"slide_embeddings": f"results/slides/{wildcards.model}.parquet"}
+    return {"embeddings": model_embeddings(wildcards)}
+
+
+def slide_map_calls(wildcards):
+    """Zero-shot calls of the first prompt set, to colour the slide map by (none without prompt sets)."""
+    names = prompt_set_names()
+    return {"calls": f"results/zeroshot/{wildcards.model}/{names[0]}/calls.tsv"} if names else {}
+
+
+def phenotype_outputs(wildcards=None):
+    """Everything the phenotype and clustering stages make, per model (the `phenotypes` target)."""
+    return expand(
+        [
+            "results/phenotypes/{model}/composition.tsv",
+            "results/phenotypes/{model}/class_composition.tsv",
+            "results/figures/phenotypes/{model}/gallery.tsv",
+            "results/clusters/{model}/slide_clusters.tsv",
+            "results/figures/clusters/{model}/slide_map.tsv",
+        ],
+        model=embedding_models(),
     )

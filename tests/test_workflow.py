@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -200,3 +201,71 @@ def test_demo_zero_shot_calls_reach_the_accuracy_bar_on_held_out_slides(demo_run
     held_out = calls[~calls["slide_id"].isin(train_slides)]
     recomputed = balanced_accuracy_score(held_out["label"], held_out["call"])
     assert recomputed == pytest.approx(evaluation["balanced_accuracy"])
+
+
+def test_demo_figures_and_report(demo_run):
+    figures = demo_run / "results/figures"
+    for stem in ("cohort_qc", "zeroshot/demo/demo/confusion", "zeroshot/demo/demo/roc"):
+        for suffix in (".pdf", ".png", ".tsv"):
+            assert (figures / f"{stem}{suffix}").stat().st_size > 0, stem + suffix
+    confusion = pd.read_csv(figures / "zeroshot/demo/demo/confusion.tsv", sep="\t").set_index("true_label")
+    evaluation = json.loads((demo_run / "results/zeroshot/demo/demo/evaluation.json").read_text())
+    assert confusion.to_numpy().sum() == evaluation["n"]
+    snakemake(demo_run, "--report", "results/report.html", *DEMO)
+    report = (demo_run / "results/report.html").read_text()
+    assert "Cohort quality control" in report and "roc.png" in report
+
+
+def test_demo_slide_embeddings_few_shot_and_prompt_sensitivity(demo_run):
+    results = demo_run / "results"
+    slides = pq.read_table(results / "slides/demo.parquet").to_pandas()
+    assert len(slides) == 36 and (slides["n_tiles"] > 0).all()
+    norms = np.linalg.norm(np.stack(slides["embedding"].to_numpy()), axis=1)
+    assert norms == pytest.approx(np.ones(36), abs=1e-5)
+    meta = read_metadata(results / "slides/demo.parquet")
+    assert meta["weights_sha256"] == read_metadata(results / "embeddings/demo/demo-p001-s1.parquet")["weights_sha256"]
+    evaluation = json.loads((results / "zeroshot/demo/demo/evaluation.json").read_text())
+    summary = pd.read_csv(results / "fewshot/demo/demo/summary.tsv", sep="\t")
+    zero_shot = summary[summary["method"] == "zero-shot"]
+    assert zero_shot["median"].iloc[0] == pytest.approx(evaluation["balanced_accuracy"])
+    for method in ("prototype", "logistic"):
+        assert set(summary.loc[summary["method"] == method, "k"].dropna().astype(int)) >= {1, 2, 4}
+    sensitivity = json.loads((results / "zeroshot/demo/demo/prompt_sensitivity.json").read_text())
+    assert sensitivity["full"] == pytest.approx(evaluation["balanced_accuracy"])
+    assert sensitivity["n_subsets"] == 20 and sensitivity["classifier_max_abs_difference"] < 1e-5
+
+
+def test_demo_evidence_and_retrieval_find_the_true_tissue(demo_run):
+    from histoclip.synth import tile_classes
+
+    results = demo_run / "results"
+    sheet = pd.read_csv(results / "demo/slides.tsv", sep="\t")
+    for slide in sheet["slide_id"]:
+        assert (results / f"zeroshot/demo/demo/evidence/{slide}.png").stat().st_size > 0
+    evidence = pd.read_csv(results / "zeroshot/demo/demo/evidence/demo-p001-s1.tsv", sep="\t")
+    assert set(evidence["class"]) == {"adenocarcinoma", "squamous"} and (evidence.groupby("class").size() == 6).all()
+    hits = pd.read_csv(results / "retrieval/demo/text_to_tiles.tsv", sep="\t")
+    necrosis = hits[hits["query"] == "tumour necrosis"]
+    assert len(necrosis) == 12
+    truth = [
+        str(tile_classes(results / f"demo/class_maps/{t.slide_id}.png", t.x, t.y, 224)) for t in necrosis.itertuples()
+    ]
+    assert np.mean([c == "necrosis" for c in truth]) >= 0.75  # measured 11/12; 18 % of demo tiles are necrosis
+    retrieval = json.loads((results / "retrieval/demo/slide_retrieval.json").read_text())
+    assert retrieval["precision_at_k"]["5"] >= 0.8 > retrieval["chance"]["5"]  # measured 1.0 vs 0.48
+
+
+def test_demo_cox_model_recovers_the_simulated_effects(demo_run):
+    """Covariates derived by the pipeline itself (zero-shot subtype call, necrosis fraction of the tile
+    phenotypes, age) recover the signs of the Cox model the demo's survival was drawn from, and each 95 %
+    interval covers the true log hazard ratio."""
+    results = demo_run / "results"
+    truth = pd.read_csv(results / "demo/true_coefficients.tsv", sep="\t").set_index("covariate")["coefficient"]
+    cox = pd.read_csv(results / "survival/demo/cox_multivariable.tsv", sep="\t").set_index("covariate")
+    names = {"clinical:age": "age", "subtype:squamous": "subtype_squamous", "class_fraction:necrosis": "necrosis_fraction"}
+    for term, covariate in names.items():
+        row, true = cox.loc[term], truth[covariate]
+        assert np.sign(row["coef"]) == np.sign(true), term
+        assert np.log(row["hr_lower_95"]) <= true <= np.log(row["hr_upper_95"]), term
+    for stem in ("forest", "km_subtype", "km_cluster"):
+        assert (results / f"figures/survival/demo/{stem}.tsv").stat().st_size > 0, stem

@@ -15,7 +15,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from histoclip.errors import InputError
+from histoclip.errors import InputError, InputErrors
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config" / "schemas" / "config.schema.yaml"
 
@@ -74,15 +74,18 @@ def validate_config(
     Raises :class:`InputError` listing every problem, not only the first.
     """
     schema = load_schema() if schema is None else schema
-    filled = _fill_defaults(dict(config), schema)
+    config = dict(config)
+    if isinstance(config.get("clinical"), str) and config["clinical"].strip().lower() in ("", "null", "none"):
+        config["clinical"] = None  # Snakemake passes `--config clinical=null` on as the string "null"
+    filled = _fill_defaults(config, schema)
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(filled), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
-        lines = []
+        problems = []
         for error in errors:
             where, fix = _describe(error, schema)
-            lines.append(f"  - {where}: {error.message}. Fix: {fix}")
-        raise InputError("invalid configuration:\n" + "\n".join(lines), where=source)
+            problems.append(InputError(f"{error.message}.", where=where, fix=fix))
+        raise InputErrors("invalid configuration", problems, where=source)
     if filled["tiling"]["overlap_px"] >= filled["tiling"]["tile_px"]:
         raise InputError(
             f"tiling.overlap_px ({filled['tiling']['overlap_px']}) must be smaller than tiling.tile_px "

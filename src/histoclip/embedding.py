@@ -201,6 +201,7 @@ class SlideWriter:
         self.job, self.dtype, self.row_group_rows = job, dtype, row_group_rows
         self.final = Path(job.out_path)
         self.final.parent.mkdir(parents=True, exist_ok=True)
+        store.remove_stale_temporaries(self.final)  # a killed run's partial file of this slide
         self.tmp = self.final.parent / f".{self.final.name}.{os.getpid()}.tmp"
         schema = embedding_schema(model.dim, dtype)
         meta = {k: store.json_value(v) for k, v in output_metadata(job, model, dtype).items()}

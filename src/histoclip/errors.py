@@ -29,3 +29,15 @@ class SlideError(InputError):
     def __init__(self, slide_id: str, problem: str, *, fix: str | None = None) -> None:
         self.slide_id = slide_id
         super().__init__(problem, where=f"slide {slide_id!r}", fix=fix)
+
+
+class InputErrors(InputError):
+    """Several problems found in one pass over a file (a sheet, a table, the config), each an :class:`InputError`.
+
+    They are reported together so a user fixes them all in one go instead of one per run; ``problems`` keeps
+    them apart so the preflight table (histoclip.preflight) can list them one per line.
+    """
+
+    def __init__(self, summary: str, problems: list[InputError], *, where: str | None = None) -> None:
+        self.problems = list(problems)
+        super().__init__(summary + ":\n  - " + "\n  - ".join(str(p) for p in self.problems), where=where)

@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,6 +238,18 @@ def _missing_weights(spec: ModelSpec, detail: str) -> InputError:
     )
 
 
+def unsafe_checkpoint_error(spec: ModelSpec, weights: str | None, exc: Exception) -> InputError:
+    """A checkpoint whose pickle holds more than tensors: refused, because unpickling it could run any code."""
+    refused = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), str(exc).splitlines()[0])
+    return InputError(
+        f"the checkpoint {weights} of model {spec.name!r} is a pickle with objects other than tensors ({refused}); "
+        "it is refused because unpickling it could run arbitrary code",
+        where=f"config models.{spec.name}.pretrained",
+        fix="use a .safetensors file (convert the checkpoint where it came from, from a trusted source: "
+        "safetensors.torch.save_file(state_dict, 'model.safetensors')), or a plain state_dict .pt",
+    )
+
+
 def _register_json_config(path: Path, spec: ModelSpec) -> str:
     """Register a JSON model config with open_clip under a name unique to its content; return the name."""
     import open_clip
@@ -332,6 +345,8 @@ def load_model(spec: ModelSpec, device: str | torch.device = "auto") -> LoadedMo
                 pretrained_text=False,
                 weights_only=True,
             )
+        except pickle.UnpicklingError as exc:
+            raise unsafe_checkpoint_error(spec, weights_file or pretrained, exc) from exc
         except RuntimeError as exc:
             text = str(exc)
             if "size mismatch" in text or "Missing key" in text or "Unexpected key" in text:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from histoclip.errors import InputError
+from histoclip.errors import InputError, InputErrors
 
 #: Slide ids become file names and Snakemake wildcards: nothing that could escape a folder or a shell.
 SAFE_ID = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -86,14 +86,19 @@ def _parse_positive_float(value: str, *, where: str, what: str) -> float:
     return number
 
 
-def read_cohort_sheet(path: str | Path) -> list[SlideRecord]:
-    """Read and validate the cohort sheet; relative paths are resolved against the sheet's folder."""
+def check_cohort_sheet(path: str | Path) -> tuple[list[SlideRecord], list[InputError]]:
+    """The sheet's valid rows and a list of problems with the others, one :class:`InputError` per problem.
+
+    Problems with the table as a whole (missing file, columns, no rows) raise at once. The preflight
+    (histoclip.preflight) goes on checking the valid rows' slides; :func:`read_cohort_sheet` refuses the sheet.
+    """
     path = Path(path)
     table = read_table(path, kind="cohort sheet", required=SHEET_COLUMNS)
     base = path.resolve().parent
     seen: dict[str, int] = {}
+    folded: dict[str, tuple[str, int]] = {}
     records = []
-    problems: list[str] = []
+    problems: list[InputError] = []
     for index, row in table.iterrows():
         line = _line(int(index))
 
@@ -102,37 +107,64 @@ def read_cohort_sheet(path: str | Path) -> list[SlideRecord]:
 
         slide_id = row["slide_id"]
         if not slide_id:
-            problems.append(f"{where('slide_id')}: empty slide id. Fix: give every slide an id.")
+            problems.append(InputError("empty slide id.", where=where("slide_id"), fix="give every slide an id."))
             continue
         if not SAFE_ID.match(slide_id):
             problems.append(
-                f"{where('slide_id')}: slide id {slide_id!r} has characters outside [A-Za-z0-9._-]. "
-                "Fix: use only letters, digits, '.', '_' and '-' (ids become file names)."
+                InputError(
+                    f"slide id {slide_id!r} has characters outside [A-Za-z0-9._-].",
+                    where=where("slide_id"),
+                    fix="use only letters, digits, '.', '_' and '-' (ids become file names).",
+                )
             )
             continue
         if slide_id in (".", ".."):
-            problems.append(f"{where('slide_id')}: slide id {slide_id!r} is not a usable name. Fix: rename it.")
+            problems.append(
+                InputError(f"slide id {slide_id!r} is not a usable name.", where=where("slide_id"), fix="rename it.")
+            )
             continue
         if slide_id in seen:
             problems.append(
-                f"{where('slide_id')}: duplicate slide id {slide_id!r} (first on line {seen[slide_id]}). "
-                "Fix: make slide ids unique."
+                InputError(
+                    f"duplicate slide id {slide_id!r} (first on line {seen[slide_id]}).",
+                    where=where("slide_id"),
+                    fix="make slide ids unique.",
+                )
+            )
+            continue
+        if slide_id.lower() in folded:
+            other, other_line = folded[slide_id.lower()]
+            problems.append(
+                InputError(
+                    f"slide id {slide_id!r} differs from {other!r} (line {other_line}) only in letter case, so both "
+                    "would write the same files on a case-insensitive file system (macOS, Windows shares).",
+                    where=where("slide_id"),
+                    fix="make slide ids unique regardless of case.",
+                )
             )
             continue
         seen[slide_id] = line
+        folded[slide_id.lower()] = (slide_id, line)
         if not row["patient_id"]:
-            problems.append(f"{where('patient_id')}: empty patient id for slide {slide_id!r}. Fix: fill it in.")
+            problems.append(
+                InputError(f"empty patient id for slide {slide_id!r}.", where=where("patient_id"), fix="fill it in.")
+            )
             continue
         if not row["path"]:
-            problems.append(f"{where('path')}: empty path for slide {slide_id!r}. Fix: give the slide file.")
+            problems.append(
+                InputError(f"empty path for slide {slide_id!r}.", where=where("path"), fix="give the slide file.")
+            )
             continue
         slide_path = Path(os.path.expanduser(row["path"]))
         if not slide_path.is_absolute():
             slide_path = base / slide_path
         if not slide_path.exists():
             problems.append(
-                f"{where('path')}: slide file {str(slide_path)!r} for {slide_id!r} does not exist. "
-                "Fix: correct the path (relative paths are relative to the sheet's folder)."
+                InputError(
+                    f"slide file {str(slide_path)!r} for {slide_id!r} does not exist.",
+                    where=where("path"),
+                    fix="correct the path (relative paths are relative to the sheet's folder).",
+                )
             )
             continue
         mpp = None
@@ -140,13 +172,22 @@ def read_cohort_sheet(path: str | Path) -> list[SlideRecord]:
             try:
                 mpp = _parse_positive_float(row["mpp"], where=where("mpp"), what="mpp")
             except InputError as exc:
-                problems.append(str(exc))
+                problems.append(exc)
                 continue
         label = row["label"] if "label" in table.columns and row["label"] else None
         extra = {c: row[c] for c in table.columns if c not in (*SHEET_COLUMNS, "mpp", "label")}
         records.append(SlideRecord(slide_id, row["patient_id"], slide_path, mpp, label, extra))
+    return records, problems
+
+
+def read_cohort_sheet(path: str | Path) -> list[SlideRecord]:
+    """Read and validate the cohort sheet; relative paths are resolved against the sheet's folder.
+
+    Every problem is reported at once (an :class:`InputErrors` listing each with its line and column).
+    """
+    records, problems = check_cohort_sheet(path)
     if problems:
-        raise InputError(f"{len(problems)} problem(s) in the cohort sheet:\n  - " + "\n  - ".join(problems))
+        raise InputErrors(f"{len(problems)} problem(s) in the cohort sheet", problems)
     return records
 
 
@@ -160,21 +201,31 @@ class ClinicalTable:
 def read_clinical_table(path: str | Path, patients: list[str] | None = None) -> ClinicalTable:
     """Read and validate the clinical table: ``time`` ≥ 0 numeric, ``event`` in {0, 1}, one row per patient.
 
+    With ``patients`` (the cohort sheet's), the table must share patient ids with the sheet and record at least
+    one event among them: otherwise no survival model can be fitted, and the usual cause is a mismatch of id
+    formats or an inverted event coding, which is better said before the run than after it.
     Covariate columns are converted to numbers where every value is numeric, and left as text otherwise.
     """
     path = Path(path)
     table = read_table(path, kind="clinical table", required=CLINICAL_COLUMNS)
-    problems: list[str] = []
+    problems: list[InputError] = []
     seen: dict[str, int] = {}
     for index, row in table.iterrows():
         line = _line(int(index))
+
+        def where(column: str, line: int = line) -> str:
+            return f"{path}, line {line}, column {column!r}"
+
         pid = row["patient_id"]
         if not pid:
-            problems.append(f"{path}, line {line}, column 'patient_id': empty patient id. Fix: fill it in.")
+            problems.append(InputError("empty patient id.", where=where("patient_id"), fix="fill it in."))
         elif pid in seen:
             problems.append(
-                f"{path}, line {line}, column 'patient_id': duplicate patient {pid!r} (first on line {seen[pid]}). "
-                "Fix: one row per patient."
+                InputError(
+                    f"duplicate patient {pid!r} (first on line {seen[pid]}).",
+                    where=where("patient_id"),
+                    fix="one row per patient.",
+                )
             )
         else:
             seen[pid] = line
@@ -184,16 +235,46 @@ def read_clinical_table(path: str | Path, patients: list[str] | None = None) -> 
             time = math.nan
         if not math.isfinite(time) or time < 0:
             problems.append(
-                f"{path}, line {line}, column 'time': {row['time']!r} for patient {pid!r} is not a time ≥ 0. "
-                "Fix: give the follow-up time as a non-negative number."
+                InputError(
+                    f"{row['time']!r} for patient {pid!r} is not a time ≥ 0.",
+                    where=where("time"),
+                    fix="give the follow-up time as a non-negative number.",
+                )
             )
         if row["event"] not in ("0", "1"):
             problems.append(
-                f"{path}, line {line}, column 'event': {row['event']!r} for patient {pid!r} is not 0 or 1. "
-                "Fix: use 1 = event observed, 0 = censored (note: a 'censorship' column is the opposite)."
+                InputError(
+                    f"{row['event']!r} for patient {pid!r} is not 0 or 1.",
+                    where=where("event"),
+                    fix="use 1 = event observed, 0 = censored (note: a 'censorship' column is the opposite).",
+                )
+            )
+    if not problems and patients is not None:
+        cohort = set(patients)
+        shared = cohort & set(table["patient_id"])
+        if cohort and not shared:
+            problems.append(
+                InputError(
+                    f"none of the {len(cohort)} patients of the cohort sheet has a row here (sheet ids such as "
+                    f"{sorted(cohort)[:3]}; table ids such as {sorted(seen)[:3]}).",
+                    where=f"clinical table {path}, column 'patient_id'",
+                    fix="use the same patient ids in the sheet and the table (e.g. TCGA case ids 'TCGA-XX-XXXX', "
+                    "not slide barcodes), or set clinical: null to run without survival analyses.",
+                )
+            )
+        elif shared and not (table.loc[table["patient_id"].isin(shared), "event"] == "1").any():
+            problems.append(
+                InputError(
+                    f"no events: all {len(shared)} patients of the cohort are censored (event = 0), so no survival "
+                    "model can be fitted.",
+                    where=f"clinical table {path}, column 'event'",
+                    fix="check the event coding (1 = event observed, 0 = censored; a CLAM/SurvPath 'censorship' "
+                    "column is the opposite: event = 1 - censorship), or set clinical: null to run without "
+                    "survival analyses.",
+                )
             )
     if problems:
-        raise InputError(f"{len(problems)} problem(s) in the clinical table:\n  - " + "\n  - ".join(problems))
+        raise InputErrors(f"{len(problems)} problem(s) in the clinical table", problems)
     out = table.copy()
     out["time"] = out["time"].astype(float)
     out["event"] = out["event"].astype(int)

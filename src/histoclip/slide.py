@@ -66,18 +66,84 @@ def open_wsi(path: str | Path, slide_id: str) -> openslide.OpenSlide:
         raise SlideError(slide_id, f"file {str(path)!r} does not exist", fix="correct the path in the cohort sheet")
     try:
         return openslide.OpenSlide(str(path))
-    except openslide.OpenSlideUnsupportedFormatError as exc:
-        raise SlideError(
-            slide_id,
-            f"{str(path)!r} is not a whole-slide format OpenSlide can read ({exc or 'unsupported format'})",
-            fix="convert it to a pyramidal tiled TIFF (e.g. with vips tiffsave --tile --pyramid) or remove it",
-        ) from exc
     except (openslide.OpenSlideError, OSError) as exc:
+        truncated = tiff_truncation(path)
+        if truncated is not None:
+            raise truncated_slide_error(slide_id, path, truncated) from exc
+        if isinstance(exc, openslide.OpenSlideUnsupportedFormatError):
+            raise SlideError(
+                slide_id,
+                f"{str(path)!r} is not a whole-slide format OpenSlide can read ({exc or 'unsupported format'})",
+                fix="convert it to a pyramidal tiled TIFF (e.g. with vips tiffsave --tile --pyramid) or remove it",
+            ) from exc
         raise SlideError(
             slide_id,
             f"OpenSlide cannot open {str(path)!r}: {exc}",
             fix="the file is damaged or uses an unsupported encoding; re-export or re-scan it, or remove it",
         ) from exc
+
+
+def truncated_slide_error(slide_id: str, path: str | Path, why: str) -> SlideError:
+    return SlideError(
+        slide_id,
+        f"{str(path)!r} is truncated: {why}",
+        fix="the copy is incomplete (an interrupted download or transfer): copy the slide again from its source "
+        "and compare its size or checksum with the original",
+    )
+
+
+class _TiffLog(logging.Handler):
+    """Collects what tifffile logs (it reports a bad page offset as a log line, not an exception)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def tiff_truncation(path: str | Path) -> str | None:
+    """Why a TIFF-family file (TIFF, BigTIFF, SVS, NDPI...) looks cut short, or None when it does not.
+
+    A copy cut short by an interrupted transfer fails in OpenSlide with "Unsupported or missing image file"
+    or a JPEG decoding error, both of which suggest the wrong fix (convert the file, re-scan the slide). Its
+    TIFF directory, however, still points at image data or further directories past the end of the file.
+    Reads only the directories (milliseconds), and only after something has already gone wrong.
+    """
+    import tifffile
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError:
+        return None
+    if magic[:2] not in (b"II", b"MM"):
+        return None
+    tiff_logger = logging.getLogger("tifffile")
+    handler = _TiffLog()
+    tiff_logger.addHandler(handler)
+    propagate, tiff_logger.propagate = tiff_logger.propagate, False
+    try:
+        with tifffile.TiffFile(path) as tif:
+            for page in tif.pages:
+                ends = [int(o) + int(c) for o, c in zip(page.dataoffsets, page.databytecounts, strict=False) if c]
+                if ends and max(ends) > size:
+                    return (
+                        f"image data of TIFF page {page.index} reaches byte {max(ends):,} but the file has "
+                        f"{size:,} bytes"
+                    )
+    except Exception as exc:  # a directory offset past the end, or garbage where a directory should be
+        return f"its TIFF directories cannot be read ({exc}); the file has {size:,} bytes"
+    finally:
+        tiff_logger.removeHandler(handler)
+        tiff_logger.propagate = propagate
+    offsets = [m for m in handler.messages if "offset" in m]
+    if offsets:
+        return f"a TIFF directory points past the end of the file ({offsets[0]}); the file has {size:,} bytes"
+    return None
 
 
 def _from_properties(props: dict[str, str]) -> tuple[float, float] | None:
@@ -131,11 +197,12 @@ def resolve_mpp(
         return ResolvedMpp(sheet_mpp, "sheet")
 
     props = dict(slide.properties)
-    candidates = [
-        ("openslide-metadata", _from_properties(props)),
-        ("tiff-resolution", tiff_resolution_mpp(path)),
+    candidates = [  # asked in order, lazily: the TIFF tags are read only when the metadata has no answer
+        ("openslide-metadata", lambda: _from_properties(props)),
+        ("tiff-resolution", lambda: tiff_resolution_mpp(path)),
     ]
-    for source, value in candidates:
+    for source, lookup in candidates:
+        value = lookup()
         if value is None:
             continue
         mpp_x, mpp_y = value
@@ -204,11 +271,15 @@ def read_rgb(slide: openslide.OpenSlide, location: tuple[int, int], level: int, 
     return rgb
 
 
-def read_level_rgb(slide: openslide.OpenSlide, level: int, slide_id: str) -> np.ndarray:
-    """A whole pyramid level as RGB, for tissue detection and thumbnails; read errors name the slide."""
+def read_level_rgb(slide: openslide.OpenSlide, level: int, slide_id: str, path: str | Path | None = None) -> np.ndarray:
+    """A whole pyramid level as RGB, for tissue detection and thumbnails; read errors name the slide (and say
+    when the file is truncated, given its ``path``)."""
     try:
         return read_rgb(slide, (0, 0), level, slide.level_dimensions[level])
     except openslide.OpenSlideError as exc:
+        truncated = tiff_truncation(path) if path is not None else None
+        if truncated is not None:
+            raise truncated_slide_error(slide_id, path, truncated) from exc
         raise SlideError(
             slide_id,
             f"pixel data cannot be decoded at level {level}: {exc}",

@@ -9,6 +9,7 @@ table found on disk months later still says how it was made.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -58,11 +59,31 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def remove_stale_temporaries(final: str | os.PathLike[str]) -> list[Path]:
+    """Delete temporary files left beside ``final`` by a writer that was killed (SIGKILL, walltime, OOM).
+
+    Only one job ever writes a given output (Snakemake sees to that), so when a new write of ``final`` starts,
+    any earlier temporary of the same file belongs to a dead process: without this, every crash would leave
+    up to a slide's worth of embeddings behind as a hidden file.
+    """
+    final = Path(final)
+    removed = []
+    for stale in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+            removed.append(stale)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds.
+
+    Temporaries that an earlier, killed write of ``path`` left behind are removed first.
+    """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(final)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)

@@ -169,7 +169,7 @@ def failed_metadata(slide_id: str, patient_id: str, path: str, error: str) -> di
 
 
 def tissue_image(
-    slide: openslide.OpenSlide, mpp: float, tissue_mpp: float, slide_id: str
+    slide: openslide.OpenSlide, mpp: float, tissue_mpp: float, slide_id: str, path: str | Path | None = None
 ) -> tuple[int, np.ndarray, float]:
     """(level, RGB image, its mpp) for tissue detection: the level nearest ``tissue_mpp``, downsampled to it.
 
@@ -177,7 +177,7 @@ def tissue_image(
     single-level slides).
     """
     level = wsi.nearest_level(slide, mpp, tissue_mpp)
-    rgb = wsi.read_level_rgb(slide, level, slide_id)
+    rgb = wsi.read_level_rgb(slide, level, slide_id, path)
     level_mpp = mpp * slide.level_downsamples[level]
     if level_mpp < tissue_mpp * (1 - wsi.LEVEL_TOLERANCE):
         width, height = slide.dimensions
@@ -213,12 +213,12 @@ def tile_slide(
     with wsi.open_wsi(path, slide_id) as slide:
         resolved = wsi.resolve_mpp(slide, path, slide_id, sheet_mpp, plausible_mpp)
         warnings = [*resolved.warnings, *wsi.check_target(resolved.mpp, params.target_mpp, slide_id)]
-        level, rgb, mask_mpp = tissue_image(slide, resolved.mpp, tissue_mpp, slide_id)
+        level, rgb, mask_mpp = tissue_image(slide, resolved.mpp, tissue_mpp, slide_id, path)
         mask = detect_tissue(rgb, mask_mpp, tissue_params)
         grid = tile_grid(mask, slide.dimensions, resolved.mpp, params)
         qc_level = qc_level_for(slide, qc_thumbnail_px)
         qc_dims = slide.level_dimensions[qc_level]
-        qc_rgb = rgb if (rgb.shape[1], rgb.shape[0]) == qc_dims else wsi.read_level_rgb(slide, qc_level, slide_id)
+        qc_rgb = rgb if (rgb.shape[1], rgb.shape[0]) == qc_dims else wsi.read_level_rgb(slide, qc_level, slide_id, path)
         read_level = wsi.read_level_for(slide, resolved.mpp, params.target_mpp)
         downsample = slide.level_downsamples[read_level]
         width, height = slide.dimensions
@@ -257,6 +257,19 @@ def tile_table(grid: TileGrid) -> pa.Table:
     )
 
 
+def no_tissue_error(tiling: SlideTiling) -> SlideError:
+    """A slide without a single tile is an input problem, not a result: it would drop out of every analysis
+    without a word. Blank or failed scans are the usual cause, faint staining the other."""
+    params = tiling.params
+    return SlideError(
+        tiling.slide_id,
+        f"has no tissue tile: no {params.tile_px}-px tile at {params.target_mpp} µm/px is at least "
+        f"{params.min_tissue_fraction:.0%} tissue (tissue found: {tiling.tissue_area_mm2:.3g} mm²)",
+        fix="look at the slide; remove a blank or failed scan from the sheet (or set on_slide_error: record to "
+        "record it and go on); for faint tissue lower tissue.min_saturation or tiling.min_tissue_fraction",
+    )
+
+
 def run_tiling(
     path: str | Path,
     slide_id: str,
@@ -270,10 +283,13 @@ def run_tiling(
 
     With ``on_slide_error="record"`` an unreadable slide is written as an empty tile table with
     ``status = "error"`` and the cause, so the rest of the cohort goes on and the failure is visible in the
-    cohort table. With ``"fail"`` the :class:`SlideError` propagates and nothing is written.
+    cohort table. With ``"fail"`` the :class:`SlideError` propagates and nothing is written. A slide without a
+    single tissue tile counts as unreadable (:func:`no_tissue_error`).
     """
     try:
         tiling = tile_slide(path, slide_id, **tiling_kwargs)
+        if len(tiling.grid) == 0:
+            raise no_tissue_error(tiling)
     except SlideError as exc:
         if on_slide_error != "record":
             raise

@@ -1,0 +1,108 @@
+# Tile phenotypes (cohort-wide mini-batch k-means of tile embeddings, named by the nearest text class) and slide
+# clustering (k-means on slide embeddings or phenotype compositions, k by silhouette, bootstrap stability).
+
+
+rule phenotypes:
+    input:
+        embeddings=model_embeddings,
+        classifiers=phenotype_classifiers,
+    output:
+        composition="results/phenotypes/{model}/composition.tsv",
+        class_composition="results/phenotypes/{model}/class_composition.tsv",
+        phenotypes=report(
+            "results/phenotypes/{model}/phenotypes.tsv",
+            caption="../config/report/phenotypes.rst",
+            category="3. Phenotypes and clusters",
+            subcategory="{model}",
+        ),
+        centroids="results/phenotypes/{model}/centroids.parquet",
+        gallery_tiles="results/phenotypes/{model}/gallery_tiles.tsv",
+        assignments=directory("results/phenotypes/{model}/assignments"),
+    params:
+        slides=lambda wildcards: slide_ids(),
+        sheet=config["slides"],
+        prompt_sets=prompt_set_names(),
+        settings=phenotype_settings,
+    log:
+        "results/logs/phenotypes/{model}.log",
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    conda:
+        "../envs/stats.yaml"
+    script:
+        "../scripts/phenotypes.py"
+
+
+rule phenotype_gallery:
+    input:
+        gallery_tiles="results/phenotypes/{model}/gallery_tiles.tsv",
+        phenotypes="results/phenotypes/{model}/phenotypes.tsv",
+        tiles=tile_files,
+    output:
+        **figure_outputs(
+            "results/figures/phenotypes/{model}/gallery",
+            caption="phenotype_gallery.rst",
+            category="3. Phenotypes and clusters",
+            subcategory="{model}",
+        ),
+    params:
+        style=figure_style,
+        sheet=config["slides"],
+    log:
+        "results/logs/figures/phenotypes/{model}.log",
+    conda:
+        "../envs/gallery.yaml"
+    script:
+        "../scripts/figure_phenotype_gallery.py"
+
+
+rule cluster_slides:
+    input:
+        unpack(slide_cluster_inputs),
+    output:
+        clusters="results/clusters/{model}/slide_clusters.tsv",
+        summary="results/clusters/{model}/clustering.json",
+    params:
+        slides=lambda wildcards: slide_ids(),
+        sheet=config["slides"],
+        settings=clustering_settings,
+    log:
+        "results/logs/clusters/{model}.log",
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        "../envs/stats.yaml"
+    script:
+        "../scripts/cluster_slides.py"
+
+
+rule figure_slide_map:
+    input:
+        unpack(slide_map_calls),
+        clusters="results/clusters/{model}/slide_clusters.tsv",
+        summary="results/clusters/{model}/clustering.json",
+    output:
+        **figure_outputs(
+            "results/figures/clusters/{model}/slide_map",
+            caption="slide_map.rst",
+            category="3. Phenotypes and clusters",
+            subcategory="{model}",
+        ),
+    params:
+        style=figure_style,
+        sheet=config["slides"],
+    log:
+        "results/logs/figures/clusters/{model}.log",
+    conda:
+        "../envs/stats.yaml"
+    script:
+        "../scripts/figure_slide_map.py"
+
+
+rule phenotypes_and_clusters:
+    input:
+        phenotype_outputs,

@@ -1,0 +1,103 @@
+# Zero-shot evidence (per slide: tile-score heatmaps and top tiles per class) and retrieval in the image–text
+# space (text → tiles across the cohort, slide → most similar slides).
+
+
+# Evidence: one job per shard of slides (the embedding shards, embedding.shard_size slides each), so a cohort is
+# not thousands of two-second jobs; every slide still has its own figure, and asking for one builds its shard.
+for _shard, _slides in embedding_shards().items():
+
+    rule:
+        name:
+            f"zeroshot_evidence_{_shard}"
+        input:
+            tile_scores="results/zeroshot/{model}/{promptset}/tile_scores",
+            calls="results/zeroshot/{model}/{promptset}/calls.tsv",
+            tiles=[f"results/tiles/{slide}.parquet" for slide in _slides],
+            thumbnails=[f"results/qc/{slide}.png" for slide in _slides],
+            slides=[str(cohort()[slide].path) for slide in _slides],
+        output:
+            # PNG only, whatever figures.formats says: one figure per slide of a cohort is for looking, not print.
+            png=[
+                report(
+                    f"results/zeroshot/{{model}}/{{promptset}}/evidence/{slide}.png",
+                    caption="../config/report/zeroshot_evidence.rst",
+                    category="2. Zero-shot calls",
+                    subcategory="{model} / {promptset}: evidence per slide",
+                )
+                for slide in _slides
+            ],
+            tsv=[f"results/zeroshot/{{model}}/{{promptset}}/evidence/{slide}.tsv" for slide in _slides],
+        params:
+            slides=_slides,
+            style=figure_style,
+            options=config["figures"]["evidence"],
+            zeroshot={"pooling": config["zeroshot"]["pooling"], "top_k": config["zeroshot"]["top_k"]},
+        log:
+            f"results/logs/zeroshot_evidence/{{model}}/{{promptset}}/{_shard}.log",
+        threads: 1
+        conda:
+            "../envs/retrieval.yaml"
+        script:
+            "../scripts/zeroshot_evidence.py"
+
+
+rule retrieve_tiles:
+    input:
+        model=model_inputs,
+        embeddings=model_embeddings,
+        tiles=tile_files,
+        class_maps=demo_class_maps,
+    output:
+        table="results/retrieval/{model}/text_to_tiles.tsv",
+        **retrieval_gallery_outputs(),
+    params:
+        settings={k: config["retrieval"][k] for k in ("queries", "top_n")},
+        model=model_entry,
+        search_dirs=[".", workflow.basedir],
+        device=config["embedding"]["device"],
+        sheet=config["slides"],
+        slides=lambda wildcards: slide_ids(),
+        style=figure_style,
+    log:
+        "results/logs/retrieval/{model}/text_to_tiles.log",
+    threads: 2
+    conda:
+        "../envs/retrieval.yaml"
+    script:
+        "../scripts/retrieve_tiles.py"
+
+
+rule slide_neighbours:
+    input:
+        slides="results/slides/{model}.parquet",
+    output:
+        table=report(
+            "results/retrieval/{model}/slide_neighbours.tsv",
+            caption="../config/report/slide_neighbours.rst",
+            category="5. Retrieval",
+            subcategory="{model}: slide → slides",
+        ),
+        summary="results/retrieval/{model}/slide_retrieval.json",
+    params:
+        settings={k: config["retrieval"][k] for k in ("neighbours", "exclude_same_patient")},
+        sheet=config["slides"],
+        slides=lambda wildcards: slide_ids(),
+    log:
+        "results/logs/retrieval/{model}/slide_neighbours.log",
+    threads: 1
+    conda:
+        "../envs/retrieval.yaml"
+    script:
+        "../scripts/slide_neighbours.py"
+
+
+rule evidence:
+    """Named target: every slide's zero-shot evidence figure."""
+    input:
+        evidence_figures,
+
+
+rule retrieval:
+    """Named target: text → tiles galleries and slide neighbours for every embedding model."""
+    input:
+        retrieval_outputs,

@@ -1,0 +1,69 @@
+# Survival: per model, the clinical table + slide outputs → patient table, Cox models (univariable, multivariable,
+# proportional-hazards tests), cross-validated c-index, Kaplan–Meier tables with log-rank tests; then the forest
+# and Kaplan–Meier figures. Inputs and the list of groupings come from the `survival` config (rules/common.smk).
+
+
+rule survival:
+    input:
+        unpack(survival_inputs),
+    output:
+        patients="results/survival/{model}/patients.tsv",
+        univariable="results/survival/{model}/cox_univariable.tsv",
+        multivariable=report(
+            "results/survival/{model}/cox_multivariable.tsv",
+            caption="../config/report/survival_cox.rst",
+            category="6. Survival",
+            subcategory="{model}",
+        ),
+        cindex=report(
+            "results/survival/{model}/cindex.tsv",
+            caption="../config/report/survival_cindex.rst",
+            category="6. Survival",
+            subcategory="{model}",
+        ),
+        km=expand("results/survival/{{model}}/km_{name}.tsv", name=survival_grouping_names()),
+        logrank=expand("results/survival/{{model}}/km_{name}_logrank.tsv", name=survival_grouping_names()),
+    params:
+        survival=config["survival"],
+        seed=config["seed"],
+        abstain_margin=config["zeroshot"]["abstain_margin"],
+    log:
+        "results/logs/survival/{model}.log",
+    threads: 1
+    conda:
+        "../envs/stats.yaml"
+    script:
+        "../scripts/survival.py"
+
+
+rule figure_survival:
+    input:
+        univariable="results/survival/{model}/cox_univariable.tsv",
+        multivariable="results/survival/{model}/cox_multivariable.tsv",
+        km=expand("results/survival/{{model}}/km_{name}.tsv", name=survival_grouping_names()),
+        logrank=expand("results/survival/{{model}}/km_{name}_logrank.tsv", name=survival_grouping_names()),
+    output:
+        **figure_outputs(
+            "results/figures/survival/{model}/forest",
+            name="forest",
+            caption="survival_forest.rst",
+            category="6. Survival",
+            subcategory="{model}",
+        ),
+        **survival_km_figure_outputs(),
+    params:
+        style=figure_style,
+        names=survival_grouping_names(),
+        time_unit=config["survival"]["time_unit"],
+    log:
+        "results/logs/figures/survival/{model}.log",
+    conda:
+        "../envs/stats.yaml"
+    script:
+        "../scripts/figure_survival.py"
+
+
+rule survival_all:
+    input:
+        survival_tables,
+        survival_figures,

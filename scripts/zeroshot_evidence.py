@@ -1,0 +1,37 @@
+"""Rule zeroshot_evidence_{shard}: per slide, tile-score heatmaps over its QC thumbnail and its top tiles per class."""
+
+from dataclasses import replace
+
+import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
+import pandas as pd
+
+from histoclip.evidence import EvidenceOptions, slide_evidence
+from histoclip.logs import rule_log
+from histoclip.plots import FigureStyle
+from histoclip.store import read_metadata
+
+with rule_log(snakemake.log[0], "histoclip.evidence") as log:
+    calls = pd.read_csv(snakemake.input.calls, sep="\t", dtype={"slide_id": str, "call": str, "label": str})
+    calls = calls.set_index("slide_id", drop=False)
+    options = EvidenceOptions(**snakemake.params.options)
+    called = [c[len("p_") :] for c in calls.columns if c.startswith("p_")]
+    settings = snakemake.params.zeroshot
+    style = replace(FigureStyle.from_config(snakemake.params.style), formats=("png",))
+    for i, slide_id in enumerate(snakemake.params.slides):
+        scores_path = f"{snakemake.input.tile_scores}/{slide_id}.parquet"
+        classes = list(called)
+        if options.include_background:
+            classes += [c for c in read_metadata(scores_path).get("classes", []) if c not in classes]
+        shown = slide_evidence(
+            snakemake.input.slides[i],
+            snakemake.input.tiles[i],
+            scores_path,
+            snakemake.input.thumbnails[i],
+            snakemake.output.tsv[i][: -len(".tsv")],
+            classes,
+            call=calls.loc[slide_id].to_dict() if slide_id in calls.index else None,
+            top_k=settings["top_k"] if settings["pooling"] == "topk" else None,
+            options=options,
+            style=style,
+        )
+        log.info("slide %s: %d classes, %d tiles shown", slide_id, len(classes), len(shown))

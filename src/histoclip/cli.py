@@ -1,0 +1,85 @@
+"""The ``histoclip`` command: ``histoclip check`` runs the preflight (histoclip.preflight) outside Snakemake.
+
+The config is put together the way Snakemake does it, so that the check sees exactly what a run would:
+``config/config.yaml`` of the working directory, then each ``--configfile`` merged over it, then
+``--config KEY=VALUE`` (parsed by Snakemake's own parser). Exit status: 0 when nothing would stop the run,
+1 when the preflight found an error (after writing the table), 2 for a bad command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from histoclip.config import SCHEMA_PATH, load_yaml
+from histoclip.errors import InputError
+
+#: The workflow folder this library belongs to (config/prompts, config/models are looked up here too).
+WORKFLOW_DIR = SCHEMA_PATH.parents[2]
+
+
+def merged_config(configfiles: Sequence[str], entries: Sequence[str], base: str | Path | None) -> dict[str, Any]:
+    """``base`` (the Snakefile's configfile), then ``configfiles``, then ``--config`` entries, as Snakemake merges."""
+    from snakemake.cli import parse_config
+    from snakemake.utils import update_config
+
+    config: dict[str, Any] = {}
+    for path in ([base] if base is not None and Path(base).exists() else []) + list(configfiles):
+        loaded = load_yaml(path) or {}
+        if not isinstance(loaded, dict):
+            raise InputError("is not a mapping of config keys", where=str(path), fix="see config/config.yaml")
+        update_config(config, loaded)
+    update_config(config, parse_config(list(entries)))
+    return config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="histoclip", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser(
+        "check",
+        help="check a cohort before a run: config, sheet, clinical table, prompt sets, model weights, every slide",
+        description="Open every slide, resolve its mpp, read a tile; validate the sheet, the clinical table, the "
+        "prompt sets, the config and the model weights; write one line per problem. No GPU is used.",
+    )
+    check.add_argument("--directory", "-d", default=".", help="working directory of the run (default: .)")
+    check.add_argument("--configfile", nargs="+", default=[], help="config file(s) merged over config/config.yaml")
+    check.add_argument("--config", nargs="+", default=[], metavar="KEY=VALUE", help="top-level config overrides")
+    check.add_argument("--out", default="results/preflight.tsv", help="problem table (TSV)")
+    check.add_argument("--slides-out", default="results/preflight_slides.tsv", help="per-slide table (TSV)")
+    check.add_argument("--threads", type=int, default=None, help="threads opening slides (default: all cores)")
+    return parser
+
+
+def check(args: argparse.Namespace) -> int:
+    from histoclip.preflight import describe, run_preflight, write_report
+
+    os.chdir(args.directory)
+    source = " + ".join(["config/config.yaml", *args.configfile, *(["--config"] if args.config else [])])
+    try:
+        config = merged_config(args.configfile, args.config, "config/config.yaml")
+    except (InputError, ValueError) as exc:
+        print(f"histoclip check: {exc}", file=sys.stderr)
+        return 2
+    results = Path(args.out).parent
+    report = run_preflight(
+        config, search_dirs=[".", WORKFLOW_DIR], threads=args.threads, results_dir=results, source=source
+    )
+    write_report(report, args.out, args.slides_out)
+    print(describe(report, args.out), file=sys.stderr if not report.ok else sys.stdout)
+    return 0 if report.ok else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "check":
+        return check(args)
+    return 2  # pragma: no cover - argparse refuses unknown commands
+
+
+if __name__ == "__main__":
+    sys.exit(main())

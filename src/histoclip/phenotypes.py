@@ -1,0 +1,639 @@
+"""Tile phenotypes: cohort-wide clusters of tile embeddings, named by their nearest text class.
+
+Why: a slide is a mixture of tissue types (tumour, stroma, necrosis, lymphocytes, fat …), and how much of each
+it holds is a feature a pathologist can read and a survival model can use. Clustering the tiles of a whole
+cohort into k "phenotypes" finds those tissue types without labels; naming each phenotype by the text class
+its centroid lies nearest to in the CLIP image–text space makes them readable (and lets phenotypes that share
+a name be summed into per-class fractions, e.g. the necrosis fraction of a slide).
+
+How, with memory bounded by the sample and one slide, never by the cohort:
+
+1. sample: at most ``max_tiles_per_slide`` tiles of every slide (fewer when ``max_sample_tiles`` / n slides
+   is smaller), drawn with a per-slide random stream derived from the seed and the slide id — stratified by
+   slide, so a large slide can't outvote a small one, and unchanged for a slide when others are added;
+2. fit: mini-batch k-means (scikit-learn ``MiniBatchKMeans``) on the sample; phenotypes are renumbered by
+   size (phenotype_00 is the commonest) so numbers are stable under label permutation;
+3. assign: slides are streamed one at a time; every tile gets its nearest centroid and distance. The per-slide
+   assignment files, the composition rows and the running "most central tiles" per phenotype are written or
+   updated as each slide passes.
+
+Per-tile assignments are stored as one Parquet file per slide (``assignments/{slide}.parquet``: x, y,
+phenotype, distance), the same unit as the tile, embedding and tile-score files: a slide's overlay reads one
+small file, a re-run or a crash never touches other slides' files, and nothing needs the whole cohort in one
+writer. (One cohort file by row groups would save inodes on 10⁵-slide cohorts but makes every per-slide read a
+filtered scan, and a killed job loses the whole file.)
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from histoclip import store
+from histoclip.errors import InputError
+from histoclip.plots import write_tsv
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "PhenotypeModel",
+    "PhenotypeSettings",
+    "assign",
+    "class_composition",
+    "fit_phenotypes",
+    "name_phenotypes",
+    "phenotype_columns",
+    "read_embedding_matrix",
+    "run_phenotypes",
+    "sample_tiles",
+]
+
+
+@dataclass(frozen=True)
+class PhenotypeSettings:
+    """Config key ``phenotypes`` (plus the workflow ``seed``)."""
+
+    k: int = 8
+    max_tiles_per_slide: int = 200
+    max_sample_tiles: int = 200_000
+    batch_size: int = 4096
+    n_init: int = 3
+    max_iter: int = 100
+    gallery_tiles: int = 8
+    gallery_max_tiles_per_slide: int = 2
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, entry: Mapping[str, Any], seed: int) -> PhenotypeSettings:
+        return cls(**{k: v for k, v in entry.items() if k in cls.__dataclass_fields__ and k != "seed"}, seed=seed)
+
+
+@dataclass(frozen=True)
+class PhenotypeModel:
+    """Centroids (k × D, in the embedding space), numbered by the sample's cluster sizes, and how they were fit."""
+
+    centroids: np.ndarray
+    sample_sizes: np.ndarray
+    inertia: float
+    n_sample: int
+    weights_sha256: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def k(self) -> int:
+        return int(self.centroids.shape[0])
+
+
+def phenotype_columns(k: int) -> list[str]:
+    """``phenotype_00`` … ``phenotype_{k-1}``, zero-padded so they sort as numbers."""
+    width = max(2, len(str(k - 1)))
+    return [f"phenotype_{i:0{width}d}" for i in range(k)]
+
+
+def read_embedding_matrix(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x, y, embeddings [N, D] float32) of one embedding file; reads only those three columns."""
+    table = pq.read_table(path, columns=["x", "y", "embedding"], memory_map=True)
+    column = table.column("embedding").combine_chunks()
+    dim = column.type.list_size
+    values = column.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+    return table.column("x").to_numpy(), table.column("y").to_numpy(), values
+
+
+def _slide_rng(seed: int, slide_id: str) -> np.random.Generator:
+    """A random stream per slide that depends only on the seed and the slide id (not on cohort order or size)."""
+    return np.random.default_rng([seed, zlib.crc32(slide_id.encode())])
+
+
+@dataclass(frozen=True)
+class _Footer:
+    """What the footer of an embedding file says (read without touching the data)."""
+
+    path: str
+    n_rows: int
+    dim: int
+    weights_sha256: str | None
+
+
+def _footer(path: str | Path) -> _Footer:
+    file = pq.ParquetFile(path)
+    schema = file.schema_arrow
+    meta = store.read_metadata(path)
+    return _Footer(
+        str(path), file.metadata.num_rows, schema.field("embedding").type.list_size, meta.get("weights_sha256")
+    )
+
+
+def _check_same_model(footers: Sequence[_Footer]) -> tuple[str | None, int]:
+    """The weights hash and dimension every embedding file shares; an error naming the first file that differs."""
+    first = footers[0]
+    for footer in footers[1:]:
+        if footer.weights_sha256 != first.weights_sha256 or footer.dim != first.dim:
+            raise InputError(
+                f"embeddings were made with weights {str(footer.weights_sha256)[:12]}… ({footer.dim} dimensions), "
+                f"those of {first.path} with {str(first.weights_sha256)[:12]}… ({first.dim})",
+                where=footer.path,
+                fix="re-run the embedding step so that every slide of the cohort uses the same model",
+            )
+    return first.weights_sha256, first.dim
+
+
+def _in_threads(function: Any, items: Sequence[Any], threads: int) -> Iterator[Any]:
+    """``map(function, items)`` in order, on ``threads`` threads (Parquet decoding and NumPy release the GIL).
+    Only small per-slide results wait in the queue; each slide's embeddings live inside one call."""
+    if threads <= 1:
+        yield from map(function, items)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        yield from pool.map(function, items)
+
+
+def sample_tiles(
+    slide_ids: Sequence[str], paths: Sequence[str | Path], settings: PhenotypeSettings, threads: int = 1
+) -> tuple[np.ndarray, str | None]:
+    """The stratified fitting sample (float32 [n, D]) and the model weights hash all files agree on.
+
+    Per slide at most ``min(max_tiles_per_slide, max_sample_tiles // n_slides)`` tiles (at least 1), drawn
+    without replacement. The sample array is allocated once from the files' footers, so peak memory is the
+    sample plus one slide per thread.
+    """
+    if len(slide_ids) != len(paths):
+        raise ValueError(f"{len(slide_ids)} slide ids but {len(paths)} embedding files")
+    if not paths:
+        raise InputError("no slides", where="cohort sheet", fix="add slides to the sheet")
+    footers = [_footer(p) for p in paths]
+    weights_sha, dim = _check_same_model(footers)
+    per_slide = max(1, min(settings.max_tiles_per_slide, settings.max_sample_tiles // len(paths)))
+    counts = [min(f.n_rows, per_slide) for f in footers]
+    total = sum(counts)
+    if total < settings.k:
+        raise InputError(
+            f"the cohort has {total} tiles to fit {settings.k} phenotypes on",
+            where="phenotypes.k",
+            fix="lower phenotypes.k or raise phenotypes.max_tiles_per_slide (or tile more tissue)",
+        )
+
+    def draw(item: tuple[str, str | Path, int]) -> np.ndarray:
+        slide_id, path, n = item
+        if n == 0:
+            return np.zeros((0, dim), np.float32)
+        _, _, embeddings = read_embedding_matrix(path)
+        rows = np.sort(_slide_rng(settings.seed, slide_id).choice(len(embeddings), n, replace=False))
+        return embeddings[rows]
+
+    sample = np.empty((total, dim), np.float32)
+    start = 0
+    for drawn in _in_threads(draw, list(zip(slide_ids, paths, counts, strict=True)), threads):
+        sample[start : start + len(drawn)] = drawn
+        start += len(drawn)
+    return sample, weights_sha
+
+
+def fit_phenotypes(
+    sample: np.ndarray, settings: PhenotypeSettings, weights_sha256: str | None = None
+) -> PhenotypeModel:
+    """Mini-batch k-means on the sample; phenotypes renumbered by sample size (largest first, ties by index)."""
+    from sklearn.cluster import MiniBatchKMeans
+
+    if len(sample) < settings.k:
+        raise InputError(
+            f"{len(sample)} sampled tiles for {settings.k} phenotypes",
+            where="phenotypes.k",
+            fix="lower phenotypes.k",
+        )
+    kmeans = MiniBatchKMeans(
+        n_clusters=settings.k,
+        batch_size=min(settings.batch_size, len(sample)),
+        n_init=settings.n_init,
+        max_iter=settings.max_iter,
+        random_state=settings.seed,
+    ).fit(sample)
+    sizes = np.bincount(kmeans.labels_, minlength=settings.k)
+    order = np.argsort(-sizes, kind="stable")
+    return PhenotypeModel(
+        centroids=np.asarray(kmeans.cluster_centers_, np.float64)[order],
+        sample_sizes=sizes[order],
+        inertia=float(kmeans.inertia_),
+        n_sample=len(sample),
+        weights_sha256=weights_sha256,
+        settings=asdict(settings),
+    )
+
+
+def assign(embeddings: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid (int) and Euclidean distance to it (float32) of every row, computed in float64."""
+    if len(embeddings) == 0:
+        return np.zeros(0, np.int16), np.zeros(0, np.float32)
+    e = np.asarray(embeddings, np.float64)
+    c = np.asarray(centroids, np.float64)
+    squared = (e * e).sum(axis=1)[:, None] - 2.0 * (e @ c.T) + (c * c).sum(axis=1)[None, :]
+    labels = squared.argmin(axis=1)
+    distance = np.sqrt(np.maximum(squared[np.arange(len(e)), labels], 0.0))
+    return labels.astype(np.int16), distance.astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Naming phenotypes by the text classifier
+
+
+def name_phenotypes(centroids: np.ndarray, classes: Sequence[str], weights: np.ndarray) -> pd.DataFrame:
+    """Nearest and runner-up text class of each centroid: cosine between the normalised centroid and the
+    (normalised) classifier weights of every class, background classes included (fat, stroma, … are
+    phenotypes too even when they are never called). Columns: nearest_class, similarity, runner_up_class,
+    runner_up_similarity."""
+    c = np.asarray(centroids, np.float64)
+    w = np.asarray(weights, np.float64)
+    c = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+    w = w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
+    cosine = c @ w.T
+    order = np.argsort(-cosine, axis=1, kind="stable")
+    rows = np.arange(len(c))
+    second = order[:, 1] if len(classes) > 1 else order[:, 0]
+    return pd.DataFrame(
+        {
+            "nearest_class": np.asarray(classes, object)[order[:, 0]],
+            "similarity": cosine[rows, order[:, 0]],
+            "runner_up_class": np.asarray(classes, object)[second] if len(classes) > 1 else "",
+            "runner_up_similarity": cosine[rows, second] if len(classes) > 1 else np.nan,
+        }
+    )
+
+
+def class_composition(
+    composition: pd.DataFrame, phenotype_class: Sequence[str], classes: Sequence[str]
+) -> pd.DataFrame:
+    """Per-class fractions of each slide: the fractions of phenotypes sharing a nearest class, summed.
+
+    One column per class of the prompt set, in its order (0 where no phenotype is named after the class), so
+    the columns don't depend on how a clustering run came out.
+    """
+    columns = phenotype_columns(len(phenotype_class))
+    out = composition[["slide_id", "patient_id", "n_tiles"]].copy()
+    for name in classes:
+        members = [col for col, c in zip(columns, phenotype_class, strict=True) if c == name]
+        total = composition[members].sum(axis=1, min_count=1) if members else pd.Series(0.0, index=out.index)
+        out[name] = total.where(composition["n_tiles"] > 0, np.nan)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming assignment of the cohort
+
+
+@dataclass
+class _CentralTiles:
+    """The ``size`` tiles nearest to one centroid over the cohort, at most ``per_slide`` from one slide."""
+
+    size: int
+    per_slide: int
+    heap: list[tuple[float, int, str, int, int]] = field(default_factory=list)  # (-distance, order, slide, x, y)
+    counter: int = 0
+
+    def offer(self, slide_id: str, x: np.ndarray, y: np.ndarray, distance: np.ndarray) -> None:
+        take = np.argsort(distance, kind="stable")[: self.per_slide]
+        for i in take:
+            item = (-float(distance[i]), -self.counter, slide_id, int(x[i]), int(y[i]))
+            self.counter += 1
+            if len(self.heap) < self.size:
+                heapq.heappush(self.heap, item)
+            elif item[0] > self.heap[0][0]:
+                heapq.heapreplace(self.heap, item)
+
+    def best(self) -> list[tuple[float, str, int, int]]:
+        return sorted((-d, s, x, y) for d, _, s, x, y in self.heap)
+
+
+def _assignment_table(x: np.ndarray, y: np.ndarray, labels: np.ndarray, distance: np.ndarray) -> pa.Table:
+    return pa.table(
+        {
+            "x": pa.array(x, pa.int64()),
+            "y": pa.array(y, pa.int64()),
+            "phenotype": pa.array(labels, pa.int16()),
+            "distance": pa.array(distance, pa.float32()),
+        }
+    )
+
+
+@dataclass(frozen=True)
+class SlideAssignment:
+    """One slide's tiles with their phenotype and distance to its centroid, and the slide's mean embedding."""
+
+    slide_id: str
+    x: np.ndarray
+    y: np.ndarray
+    phenotype: np.ndarray
+    distance: np.ndarray
+    mean_embedding: np.ndarray
+
+
+def _provenance_metadata(metadata: Mapping[str, Any]) -> dict[bytes, bytes]:
+    """Key-value metadata exactly as :func:`histoclip.store.write_table_atomic` writes it (computed once here, as
+    querying package versions per file would cost more than writing a small assignment file)."""
+    kv = {str(k): store.json_value(v) for k, v in metadata.items()}
+    kv[store.PROVENANCE_KEY] = store.json_value({"versions": store.package_versions()})
+    return {k.encode(): v.encode() for k, v in kv.items()}
+
+
+def iter_assignments(
+    slide_ids: Sequence[str],
+    paths: Sequence[str | Path],
+    model: PhenotypeModel,
+    out_dir: str | Path | None = None,
+    threads: int = 1,
+    metadata: Mapping[str, Any] | None = None,
+) -> Iterator[SlideAssignment]:
+    """Assign every tile of every slide to its nearest centroid, slide by slide (in order), on ``threads``
+    threads; with ``out_dir``, each slide's ``{out_dir}/{slide}.parquet`` (x, y, phenotype, distance) is written
+    atomically as it is done. Memory: one slide per thread."""
+    kv = _provenance_metadata({**(metadata or {}), "k": model.k, "model_weights_sha256": model.weights_sha256})
+
+    def work(item: tuple[str, str | Path]) -> SlideAssignment:
+        slide_id, path = item
+        footer = _footer(path)
+        if model.weights_sha256 is not None and footer.weights_sha256 not in (None, model.weights_sha256):
+            raise InputError(
+                f"embeddings were made with weights {footer.weights_sha256[:12]}…, "
+                f"the phenotypes were fit on {model.weights_sha256[:12]}…",
+                where=str(path),
+                fix="re-run the embedding step for this slide, or the phenotypes rule",
+            )
+        if footer.dim != model.centroids.shape[1]:
+            raise InputError(
+                f"embeddings have {footer.dim} dimensions, the phenotype centroids {model.centroids.shape[1]}",
+                where=str(path),
+                fix="re-run the phenotypes rule for this model",
+            )
+        x, y, embeddings = read_embedding_matrix(path)
+        labels, distance = assign(embeddings, model.centroids)
+        mean = embeddings.mean(axis=0, dtype=np.float64) if len(embeddings) else np.full(footer.dim, np.nan)
+        if out_dir is not None:
+            table = _assignment_table(x, y, labels, distance)
+            meta = {**kv, b"slide_id": store.json_value(slide_id).encode()}
+            with store.atomic_path(Path(out_dir) / f"{slide_id}.parquet") as tmp:
+                pq.write_table(table.replace_schema_metadata(meta), tmp)
+        return SlideAssignment(slide_id, x, y, labels, distance, mean)
+
+    yield from _in_threads(work, list(zip(slide_ids, paths, strict=True)), threads)
+
+
+@dataclass
+class PhenotypeResult:
+    model: PhenotypeModel
+    composition: pd.DataFrame
+    phenotypes: pd.DataFrame
+    class_composition: pd.DataFrame
+    gallery: pd.DataFrame
+    #: mean tile embedding of each slide (not renormalised; NaN rows for slides without tiles), a by-product
+    slide_means: np.ndarray
+    #: seconds spent sampling, fitting and assigning (for logs and benchmarks)
+    timings: dict[str, float]
+
+
+def run_phenotypes(
+    slide_ids: Sequence[str],
+    patient_ids: Sequence[str],
+    embedding_files: Sequence[str | Path],
+    out_dir: str | Path,
+    settings: PhenotypeSettings,
+    classifiers: Mapping[str, Any] | None = None,
+    threads: int = 1,
+) -> PhenotypeResult:
+    """Sample, fit, stream-assign and name; write every output of ``results/phenotypes/{model}/``.
+
+    ``classifiers``: {prompt set name: :class:`histoclip.slide_calls.TextClassifier`}, in config order; the first
+    one names the phenotypes in ``class_composition.tsv``. Outputs: ``centroids.parquet``, ``assignments/``,
+    ``composition.tsv``, ``phenotypes.tsv``, ``class_composition.tsv``, ``gallery_tiles.tsv``.
+
+    ``threads`` slides are read and assigned at once; BLAS and OpenMP inside are kept to one thread each, since
+    per-slide matrices are small and OpenMP threads spin-waiting on a shared node cost far more than they give.
+    """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        return _run_phenotypes(slide_ids, patient_ids, embedding_files, out_dir, settings, classifiers, threads)
+
+
+def _run_phenotypes(
+    slide_ids: Sequence[str],
+    patient_ids: Sequence[str],
+    embedding_files: Sequence[str | Path],
+    out_dir: str | Path,
+    settings: PhenotypeSettings,
+    classifiers: Mapping[str, Any] | None,
+    threads: int,
+) -> PhenotypeResult:
+    out_dir = Path(out_dir)
+    classifiers = dict(classifiers or {})
+    clock = time.perf_counter()
+    sample, weights_sha = sample_tiles(slide_ids, embedding_files, settings, threads)
+    timings = {"sample_s": time.perf_counter() - clock}
+    log.info("fitting %d phenotypes on %d sampled tiles of %d slides", settings.k, len(sample), len(slide_ids))
+    clock = time.perf_counter()
+    model = fit_phenotypes(sample, settings, weights_sha)
+    timings["fit_s"] = time.perf_counter() - clock
+    del sample
+    for name, classifier in classifiers.items():
+        sha = classifier.metadata.get("weights_sha256")
+        if weights_sha is not None and sha is not None and sha != weights_sha:
+            raise InputError(
+                f"text classifier of prompt set {name!r} was made with weights {sha[:12]}…, "
+                f"the embeddings with {weights_sha[:12]}…",
+                where=f"prompt set {name}",
+                fix="re-run encode_prompts for this model",
+            )
+    _write_centroids(out_dir / "centroids.parquet", model)
+
+    columns = phenotype_columns(model.k)
+    central = [_CentralTiles(settings.gallery_tiles, settings.gallery_max_tiles_per_slide) for _ in range(model.k)]
+    counts_total = np.zeros(model.k, np.int64)
+    distance_total = np.zeros(model.k, np.float64)
+    slides_with = np.zeros(model.k, np.int64)
+    rows, means = [], []
+    clock = time.perf_counter()
+    patients = dict(zip(slide_ids, patient_ids, strict=True))
+    assignments = iter_assignments(
+        slide_ids, embedding_files, model, out_dir / "assignments", threads, {"phenotypes": columns}
+    )
+    for done in assignments:
+        slide_id, x, y, labels, distance = done.slide_id, done.x, done.y, done.phenotype, done.distance
+        means.append(done.mean_embedding)
+        counts = np.bincount(labels, minlength=model.k)
+        counts_total += counts
+        distance_total += np.bincount(labels, weights=distance, minlength=model.k)
+        slides_with += counts > 0
+        for p in np.flatnonzero(counts):
+            member = labels == p
+            central[p].offer(slide_id, x[member], y[member], distance[member])
+        n = len(labels)
+        fractions = counts / n if n else np.full(model.k, np.nan)
+        rows.append(
+            {
+                "slide_id": slide_id,
+                "patient_id": patients[slide_id],
+                "n_tiles": n,
+                **dict(zip(columns, fractions, strict=True)),
+            }
+        )
+    timings["assign_s"] = time.perf_counter() - clock
+    composition = pd.DataFrame(rows, columns=["slide_id", "patient_id", "n_tiles", *columns])
+    write_tsv(composition, out_dir / "composition.tsv")
+
+    total = int(counts_total.sum())
+    phenotypes = pd.DataFrame(
+        {
+            "phenotype": columns,
+            "n_tiles": counts_total,
+            "fraction": counts_total / total if total else np.nan,
+            "n_slides": slides_with,
+            "mean_distance": np.divide(
+                distance_total, counts_total, out=np.full(model.k, np.nan), where=counts_total > 0
+            ),
+        }
+    )
+    named = None
+    for i, (name, classifier) in enumerate(classifiers.items()):
+        naming = name_phenotypes(model.centroids, classifier.classes, classifier.weights)
+        if i == 0:
+            named = naming
+            phenotypes = pd.concat([phenotypes, naming], axis=1)
+        phenotypes[f"nearest_class_{name}"] = naming["nearest_class"].to_numpy()
+        phenotypes[f"similarity_{name}"] = naming["similarity"].to_numpy()
+    write_tsv(phenotypes, out_dir / "phenotypes.tsv")
+
+    if named is not None:
+        first = next(iter(classifiers.values()))
+        by_class = class_composition(composition, named["nearest_class"].tolist(), first.classes)
+    else:
+        log.warning("no prompt set configured (zeroshot.prompt_sets): phenotypes are not named, no class fractions")
+        by_class = composition[["slide_id", "patient_id", "n_tiles"]].copy()
+    write_tsv(by_class, out_dir / "class_composition.tsv")
+
+    gallery_rows = []
+    for p, tiles in enumerate(central):
+        for rank, (d, slide_id, tx, ty) in enumerate(tiles.best()):
+            gallery_rows.append(
+                {"phenotype": columns[p], "rank": rank, "slide_id": slide_id, "x": tx, "y": ty, "distance": d}
+            )
+    gallery = pd.DataFrame(gallery_rows, columns=["phenotype", "rank", "slide_id", "x", "y", "distance"])
+    write_tsv(gallery, out_dir / "gallery_tiles.tsv")
+    log.info(
+        "%d tiles of %d slides assigned; phenotype sizes %s; %s",
+        total,
+        len(rows),
+        ", ".join(map(str, counts_total)),
+        ", ".join(f"{k} {v:.1f}" for k, v in timings.items()),
+    )
+    slide_means = np.stack(means).astype(np.float32) if means else np.zeros((0, model.centroids.shape[1]), np.float32)
+    return PhenotypeResult(model, composition, phenotypes, by_class, gallery, slide_means, timings)
+
+
+def _write_centroids(path: Path, model: PhenotypeModel) -> None:
+    dim = model.centroids.shape[1]
+    table = pa.table(
+        {
+            "phenotype": pa.array(phenotype_columns(model.k)),
+            "sample_tiles": pa.array(model.sample_sizes, pa.int64()),
+            "centroid": pa.FixedSizeListArray.from_arrays(pa.array(model.centroids.astype(np.float32).ravel()), dim),
+        }
+    )
+    meta = {
+        "k": model.k,
+        "inertia": model.inertia,
+        "n_sample": model.n_sample,
+        "weights_sha256": model.weights_sha256,
+        "settings": model.settings,
+    }
+    store.write_table_atomic(path, table, meta)
+
+
+def read_centroids(path: str | Path) -> PhenotypeModel:
+    table = pq.read_table(path)
+    meta = store.read_metadata(path)
+    column = table.column("centroid").combine_chunks()
+    centroids = column.values.to_numpy().reshape(-1, column.type.list_size).astype(np.float64)
+    return PhenotypeModel(
+        centroids,
+        table.column("sample_tiles").to_numpy(),
+        meta["inertia"],
+        meta["n_sample"],
+        meta.get("weights_sha256"),
+        meta.get("settings", {}),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Gallery of the most central tiles
+
+
+def read_gallery_pixels(
+    gallery: pd.DataFrame, slide_paths: Mapping[str, str | Path], tile_files: Mapping[str, str | Path]
+) -> list[np.ndarray]:
+    """RGB pixels (tile_px × tile_px) of every gallery row, read with OpenSlide at the tile file's read level.
+
+    The tile file's metadata says at which pyramid level and size a tile was read (``read_level``,
+    ``read_tile_px``) and its size at the target mpp (``tile_px``): the gallery shows exactly what the model saw.
+    Each slide is opened once.
+    """
+    from histoclip.slide import open_wsi, read_rgb, resize_rgb
+
+    images: list[np.ndarray | None] = [None] * len(gallery)
+    for slide_id, group in gallery.groupby("slide_id", sort=False):
+        if slide_id not in slide_paths or slide_id not in tile_files:
+            raise InputError(
+                "is in the phenotype gallery but not in the cohort sheet",
+                where=f"slide {slide_id!r}",
+                fix="re-run the phenotypes rule after changing the sheet",
+            )
+        meta = store.read_metadata(tile_files[slide_id])
+        level, read_px, tile_px = int(meta["read_level"]), int(meta["read_tile_px"]), int(meta["tile_px"])
+        slide = open_wsi(slide_paths[slide_id], str(slide_id))
+        try:
+            for index, row in zip(group.index, group.itertuples(), strict=True):
+                rgb = read_rgb(slide, (int(row.x), int(row.y)), level, (read_px, read_px))
+                images[gallery.index.get_loc(index)] = resize_rgb(rgb, (tile_px, tile_px))
+        finally:
+            slide.close()
+    return [img for img in images if img is not None]
+
+
+def gallery_figure(gallery: pd.DataFrame, phenotypes: pd.DataFrame, images: Sequence[np.ndarray], style: Any) -> Any:
+    """One row per phenotype (its most central tiles, nearest first), labelled with its nearest text class."""
+    from histoclip.plots import new_figure
+
+    names = phenotypes["phenotype"].tolist()
+    n_cols = max(1, int(gallery.groupby("phenotype").size().max()) if len(gallery) else 1)
+    cell_in = min(style.width_in / (n_cols + 1.6), 0.9)
+    figure = new_figure(style, width_in=cell_in * (n_cols + 1.6), height_in=max(1.0, cell_in * len(names) + 0.3))
+    by_key = {(r.phenotype, r.rank): img for r, img in zip(gallery.itertuples(), images, strict=True)}
+    with style.context():
+        axes = figure.subplots(len(names), n_cols, squeeze=False, gridspec_kw={"wspace": 0.04, "hspace": 0.08})
+        for i, row in enumerate(phenotypes.itertuples()):
+            label = row.phenotype.replace("phenotype_", "P")
+            if "nearest_class" in phenotypes.columns:
+                label = f"{label} {row.nearest_class}\n{row.similarity:.2f} · {row.fraction:.0%}"
+            else:
+                label = f"{label}\n{row.fraction:.0%}"
+            for j in range(n_cols):
+                ax = axes[i, j]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                for spine in ax.spines.values():
+                    spine.set_visible(False)
+                image = by_key.get((row.phenotype, j))
+                if image is not None:
+                    ax.imshow(image, interpolation="nearest")
+                if j == 0:
+                    ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=style.font_size - 1)
+    return figure
