@@ -10,7 +10,7 @@ CORES  ?= 2
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo check test lint bench clean
 
 install: $(STAMP)
 
@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(BIN)/snakemake --cores $(CORES) demo_cohort
 	$(BIN)/snakemake --cores $(CORES)
+
+check: install
+	$(BIN)/snakemake --cores $(CORES) check
 
 lint: install
 	$(BIN)/ruff check src scripts tests benchmarks

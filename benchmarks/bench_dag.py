@@ -4,7 +4,9 @@ Builds cohort sheets of 1,000 and 10,000 slides (every slide a symbolic link to 
 only checks that files exist, nothing opens a slide) in a copy of the workflow, and times
 `snakemake -n` for the default target with the default config, as a user types it, plus
 `snakemake -n --workflow-profile config/profiles/slurm` (tile jobs grouped as on a cluster). Every cluster
-job re-parses the Snakefile, so parse time is reported too (`snakemake -n` of one tile file).
+job re-parses the Snakefile, so parse time is reported too (`snakemake -n` of one tile file), and so is a
+workflow of as many one-line jobs, timed in the same run: Snakemake's own floor on this machine at this
+moment (a shared machine's load shows in both).
 Target: ≤ 20 s for 10,000 slides on 2 cores. `--cprofile FILE` writes and summarises a cProfile of the largest
 plain run, to find what is slow.
 """
@@ -72,6 +74,22 @@ def dry_run(workdir: Path, sheet: Path, clinical: Path, *extra: str, targets=())
     return seconds, int(total[1]) if total else 0, out
 
 
+def trivial_dry_run(folder: Path, n_jobs: int) -> float:
+    """Seconds of `snakemake -n --quiet` for ``n_jobs`` one-line jobs: Snakemake's own floor on this machine now.
+
+    Measured in the same run, so that a loaded, shared machine reads as a ratio, not as a slow workflow.
+    """
+    folder.mkdir(parents=True)
+    (folder / "Snakefile").write_text(
+        f'rule all:\n    input: expand("out/{{i}}.txt", i=range({n_jobs}))\n\n'
+        'rule one:\n    output: "out/{i}.txt"\n    shell: "touch {output}"\n'
+    )
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "snakemake", "-n", "--quiet", "--cores", "1"], cwd=folder, check=True,
+                   capture_output=True)  # fmt: skip
+    return time.perf_counter() - start
+
+
 def profile_run(workdir: Path, sheet: Path, clinical: Path, out: Path) -> str:
     """cProfile of one plain dry run, in this process; the top functions by cumulative time."""
     from snakemake.cli import main as snakemake_main
@@ -112,6 +130,7 @@ def main() -> None:
             profile = str(workdir / "config/profiles/slurm")
             slurm_s, slurm_jobs, _ = dry_run(workdir, sheet, clinical, "--workflow-profile", profile, "--quiet")
             one_s, _, _ = dry_run(workdir, sheet, clinical, "--quiet", targets=["results/tiles/S000000.parquet"])
+            trivial_s = trivial_dry_run(tmp / f"trivial{n}", jobs)
             rows.append(
                 {
                     "slides": n,
@@ -120,6 +139,8 @@ def main() -> None:
                     "dry_run_quiet_s": round(quiet_s, 2),
                     "dry_run_slurm_profile_s": round(slurm_s, 2),
                     "one_job_s": round(one_s, 2),
+                    "trivial_same_jobs_quiet_s": round(trivial_s, 2),
+                    "quiet_over_trivial": round(quiet_s / trivial_s, 2),
                 }
             )
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)

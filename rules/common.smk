@@ -485,3 +485,38 @@ def phenotype_outputs(wildcards=None):
         ],
         model=embedding_models(),
     )
+
+
+# --- shard rules made at parse time (embedding.smk, retrieval.smk) --------------------------------------------
+# One rule per (model[, prompt set], shard) with constant output paths: Snakemake finds the rule making a file
+# through an index of the outputs' constant prefixes, and a {model} wildcard right after results/embeddings/
+# made every lookup scan every shard's outputs (planning time grew with slides²: 167 s for 10,000 slides).
+
+
+def rule_name(*parts):
+    """A rule name from a stage, model, prompt set and shard (anything outside [A-Za-z0-9_] becomes _)."""
+    return "_".join(re.sub(r"[^A-Za-z0-9_]", "_", part) for part in parts)
+
+
+def model_files(model):
+    """model_inputs() for a model named outright, as the per-model shard rules need it at parse time."""
+    from types import SimpleNamespace
+
+    return model_inputs(SimpleNamespace(model=model))
+
+
+def embedding_shard_rules():
+    """(model, shard, slide ids) for every embedding shard rule."""
+    shards = embedding_shards()
+    return [(model, shard, ids) for model in embedding_models() for shard, ids in shards.items()]
+
+
+def evidence_shard_rules():
+    """(model, prompt set, shard, slide ids) for every zero-shot evidence shard rule."""
+    shards = embedding_shards()
+    return [
+        (model, promptset, shard, ids)
+        for model in embedding_models()
+        for promptset in prompt_set_names()
+        for shard, ids in shards.items()
+    ]

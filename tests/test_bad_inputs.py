@@ -536,6 +536,7 @@ def test_snakemake_check_writes_the_table_and_fails_before_any_job(tmp_path, sha
     assert len(pd.read_csv(workdir / "results/preflight.tsv", sep="\t")) == 1  # tiny is random init: a warning
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_undecodable_tiles_fail_the_embedding_job_and_keep_other_slides(tmp_path):
     """Damage the preflight cannot see (a tile row away from the centre): the embedding job fails naming the

@@ -246,7 +246,7 @@ def test_undecodable_tiles_name_the_slide_and_leave_no_file(shared_data, tiny, t
 
 
 def test_killed_shard_recomputes_only_unfinished_slides(tiny_config, tmp_path):
-    small = tile_file(tmp_path, "s1-small", side=256, tile_px=32)
+    small = tile_file(tmp_path, "s1-small", side=512, tile_px=32)  # a few tiles: finishes first
     big = [tile_file(tmp_path, f"s{i}-big", side=3072, seed=i, tile_px=32) for i in (2, 3)]
     out = tmp_path / "emb"
     script = textwrap.dedent(

@@ -138,14 +138,27 @@ def test_fit_matches_scikit_learn_minibatch_kmeans(tmp_path):
 
 
 def test_sample_is_stratified_bounded_and_independent_of_other_slides(tmp_path):
-    ids, files, truth, _ = blob_cohort(tmp_path, n_slides=4)
-    settings = PhenotypeSettings(k=2, max_tiles_per_slide=50, max_sample_tiles=120, seed=5)
-    sample, sha = sample_tiles(ids, files, settings)
-    assert sha == SHA
-    assert len(sample) == 4 * 30  # max_sample_tiles // n_slides < max_tiles_per_slide
-    # the rows drawn from slide0 don't depend on which other slides are in the cohort
-    alone, _ = sample_tiles(ids[:1], files[:1], PhenotypeSettings(k=2, max_tiles_per_slide=30, seed=5))
-    np.testing.assert_array_equal(alone, sample[:30])
+    ids, files, truth, _ = blob_cohort(tmp_path, n_slides=6)  # 150-400 tiles a slide
+    tables = {s: pq.read_table(f).column("embedding").combine_chunks() for s, f in zip(ids, files, strict=True)}
+    rows = {s: t.values.to_numpy().reshape(-1, 32).astype(np.float32) for s, t in tables.items()}
+
+    def origin(sample):  # which slide each sampled tile came from
+        return [next(s for s, v in rows.items() if (v == tile).all(axis=1).any()) for tile in sample]
+
+    # the cap is not reached: every slide gives max_tiles_per_slide distinct tiles
+    whole, sha = sample_tiles(ids, files, PhenotypeSettings(k=2, max_tiles_per_slide=50, max_sample_tiles=10_000))
+    assert sha == SHA and len(whole) == 300 and len(np.unique(whole, axis=0)) == 300
+    assert sorted(pd.Series(origin(whole)).value_counts().tolist()) == [50] * 6
+    # the cap is reached: at most max_sample_tiles, still at most max_tiles_per_slide from any slide
+    capped, _ = sample_tiles(ids, files, PhenotypeSettings(k=2, max_tiles_per_slide=50, max_sample_tiles=120))
+    counts = pd.Series(origin(capped)).value_counts()
+    assert len(capped) == 120 and counts.max() <= 50 and len(counts) == 3
+    # a slide's draw does not depend on the rest of the cohort, and a smaller quota is a subset of a larger one
+    for s, f in zip(ids[:2], files[:2], strict=True):
+        alone, _ = sample_tiles([s], [f], PhenotypeSettings(k=2, max_tiles_per_slide=50))
+        np.testing.assert_array_equal(alone, whole[np.array(origin(whole)) == s])
+        fewer, _ = sample_tiles([s], [f], PhenotypeSettings(k=2, max_tiles_per_slide=20))
+        assert {t.tobytes() for t in fewer} <= {t.tobytes() for t in alone}
     with pytest.raises(InputError, match="phenotypes.k"):
         sample_tiles(ids[:1], files[:1], PhenotypeSettings(k=40, max_tiles_per_slide=30))
 

@@ -63,8 +63,16 @@ def demo_run(repo, tmp_path_factory):
     workdir = copy_workflow(repo, tmp_path_factory.mktemp("demo"))
     (workdir / "demo_shards.yaml").write_text("embedding:\n  models: [demo]\n  shard_size: 16\n")
     snakemake(workdir, "demo_cohort", *DEMO)
+    snakemake(workdir, "check", *DEMO)  # the preflight, before any heavy job
     snakemake(workdir, *DEMO)
     return workdir
+
+
+def test_demo_preflight_finds_no_problem(demo_run):
+    problems = pd.read_csv(demo_run / "results/preflight.tsv", sep="\t")
+    assert not (problems["severity"] == "error").any(), problems.to_string()
+    slides = pd.read_csv(demo_run / "results/preflight_slides.tsv", sep="\t")
+    assert len(slides) == 36 and (slides["status"] == "ok").all()
 
 
 def test_demo_cohort_tiles_every_slide_with_the_contract(demo_run):

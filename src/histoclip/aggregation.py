@@ -114,8 +114,8 @@ def class_topk_embeddings(embeddings: np.ndarray, scores: np.ndarray, k: int) ->
 
 
 def read_tile_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-    """(x, y, embeddings [N, D] float32, metadata) of one slide's embedding file (the same reader as the
-    zero-shot rules use, kept here without importing the torch-dependent modules)."""
+    """(x, y, embeddings [N, D] float32, metadata) of one slide's embedding file: the one reader of embedding
+    files, here because this module does not import torch (stats-only jobs read embeddings too)."""
     table = pq.read_table(path)
     meta = store.read_metadata(path)
     column = table.column("embedding").combine_chunks()

@@ -165,9 +165,13 @@ def sample_tiles(
 ) -> tuple[np.ndarray, str | None]:
     """The stratified fitting sample (float32 [n, D]) and the model weights hash all files agree on.
 
-    Per slide at most ``min(max_tiles_per_slide, max_sample_tiles // n_slides)`` tiles (at least 1), drawn
-    without replacement. The sample array is allocated once from the files' footers, so peak memory is the
-    sample plus one slide per thread.
+    Slides are taken in a random order that depends only on the seed and each slide's id, each giving at most
+    ``max_tiles_per_slide`` of its tiles (drawn without replacement), until the sample holds
+    ``max_sample_tiles``. A cohort smaller than that is sampled whole at ``max_tiles_per_slide`` a slide; a
+    larger one is read only as far as the sample needs, so the fit's cost does not grow with the cohort (the
+    assignment pass still reads every slide). A slide's draw never depends on which other slides are in the
+    cohort. The sample is allocated once from the files' footers: peak memory is the sample plus one slide
+    per thread.
     """
     if len(slide_ids) != len(paths):
         raise ValueError(f"{len(slide_ids)} slide ids but {len(paths)} embedding files")
@@ -175,9 +179,16 @@ def sample_tiles(
         raise InputError("no slides", where="cohort sheet", fix="add slides to the sheet")
     footers = [_footer(p) for p in paths]
     weights_sha, dim = _check_same_model(footers)
-    per_slide = max(1, min(settings.max_tiles_per_slide, settings.max_sample_tiles // len(paths)))
-    counts = [min(f.n_rows, per_slide) for f in footers]
-    total = sum(counts)
+    order = sorted(range(len(paths)), key=lambda i: (_slide_rng(settings.seed, slide_ids[i]).random(), i))
+    items, total = [], 0
+    for i in order:
+        n = min(footers[i].n_rows, settings.max_tiles_per_slide, settings.max_sample_tiles - total)
+        if n > 0:
+            items.append((slide_ids[i], paths[i], n))
+            total += n
+        if total >= settings.max_sample_tiles:
+            break
+    items.sort(key=lambda item: slide_ids.index(item[0]))  # read in cohort order
     if total < settings.k:
         raise InputError(
             f"the cohort has {total} tiles to fit {settings.k} phenotypes on",
@@ -187,15 +198,15 @@ def sample_tiles(
 
     def draw(item: tuple[str, str | Path, int]) -> np.ndarray:
         slide_id, path, n = item
-        if n == 0:
-            return np.zeros((0, dim), np.float32)
         _, _, embeddings = read_embedding_matrix(path)
-        rows = np.sort(_slide_rng(settings.seed, slide_id).choice(len(embeddings), n, replace=False))
-        return embeddings[rows]
+        rng = _slide_rng(settings.seed, slide_id)
+        rng.random()  # the slide's place in the order above
+        rows = rng.permutation(len(embeddings))[:n]  # a prefix: a smaller quota takes a subset of a larger one's
+        return embeddings[np.sort(rows)]
 
     sample = np.empty((total, dim), np.float32)
     start = 0
-    for drawn in _in_threads(draw, list(zip(slide_ids, paths, counts, strict=True)), threads):
+    for drawn in _in_threads(draw, items, threads):
         sample[start : start + len(drawn)] = drawn
         start += len(drawn)
     return sample, weights_sha
@@ -233,14 +244,22 @@ def fit_phenotypes(
 
 
 def assign(embeddings: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid (int) and Euclidean distance to it (float32) of every row, computed in float64."""
+    """Nearest centroid (int16) and Euclidean distance to it (float32) of every row.
+
+    The nearest centroid comes from one float32 matrix product (|c|² - 2 e·c; |e|² is the same for every
+    centroid), which is what makes assigning millions of tiles cheap; the distance is then computed from the
+    difference to that centroid, so it keeps float32 precision even for tiles right on a centroid.
+    """
     if len(embeddings) == 0:
         return np.zeros(0, np.int16), np.zeros(0, np.float32)
-    e = np.asarray(embeddings, np.float64)
-    c = np.asarray(centroids, np.float64)
-    squared = (e * e).sum(axis=1)[:, None] - 2.0 * (e @ c.T) + (c * c).sum(axis=1)[None, :]
-    labels = squared.argmin(axis=1)
-    distance = np.sqrt(np.maximum(squared[np.arange(len(e)), labels], 0.0))
+    e = np.asarray(embeddings, np.float32)
+    c = np.asarray(centroids, np.float32)
+    score = e @ c.T
+    score *= -2.0
+    score += np.einsum("ij,ij->i", c, c)[None, :]
+    labels = score.argmin(axis=1)
+    difference = e - c[labels]
+    distance = np.sqrt(np.einsum("ij,ij->i", difference, difference))
     return labels.astype(np.int16), distance.astype(np.float32)
 
 

@@ -185,8 +185,21 @@ def _one_stored_tile(slide: Any, level: int, location: tuple[int, int], size: in
 def check_slide(record: SlideRecord, settings: SlideSettings = SlideSettings()) -> SlideCheck:
     """Open one slide, resolve its mpp, size the level tissue detection reads, and decode two tiles.
 
-    Every problem is recorded on the returned :class:`SlideCheck`, never raised.
+    Every problem is recorded on the returned :class:`SlideCheck`, never raised: one odd file must not stop the
+    check of the thousands after it.
     """
+    try:
+        return _check_slide(record, settings)
+    except Exception as exc:  # anything OpenSlide or a vendor format throws that the checks above don't name
+        check = SlideCheck(record.slide_id, str(record.path), status=settings.slide_severity)
+        problem = f"could not be checked: {type(exc).__name__}: {exc}"
+        fix = "open the file with OpenSlide by hand to see what is wrong, or remove it from the sheet"
+        where = f"slide {record.slide_id!r} ({record.path})"
+        check.problems.append(Problem(settings.slide_severity, "slide", where, problem, fix, record.slide_id))
+        return check
+
+
+def _check_slide(record: SlideRecord, settings: SlideSettings) -> SlideCheck:
     started = time.perf_counter()
     check = SlideCheck(record.slide_id, str(record.path))
     where = f"slide {record.slide_id!r} ({record.path})"

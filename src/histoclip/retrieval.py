@@ -121,9 +121,9 @@ class RunningTopN:
 
 
 def _read_slide_embeddings(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-    from histoclip.slide_calls import read_embeddings  # the embedding file's one reader
+    from histoclip.aggregation import read_tile_embeddings  # the embedding file's one reader (no torch)
 
-    return read_embeddings(path)
+    return read_tile_embeddings(path)
 
 
 def _check_weights(meta: Mapping[str, Any], weights_sha256: str | None, path: str | os.PathLike[str]) -> None:

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from histoclip import store
+from histoclip.aggregation import read_tile_embeddings as read_embeddings
 from histoclip.evaluation import evaluate, evaluated_slides
 from histoclip.models import LoadedModel
 from histoclip.prompts import PromptSet
@@ -82,16 +83,6 @@ def read_text_classifier(path: str | Path) -> TextClassifier:
     return TextClassifier(
         table.column("class").to_pylist(), table.column("called").to_pylist(), weights, meta["logit_scale"], meta
     )
-
-
-def read_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-    """(x, y, embeddings [N, D] float32, metadata) of one slide's embedding file."""
-    table = pq.read_table(path)
-    meta = store.read_metadata(path)
-    column = table.column("embedding").combine_chunks()
-    dim = column.type.list_size
-    values = column.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
-    return table.column("x").to_numpy(), table.column("y").to_numpy(), values, meta
 
 
 def call_cohort(
