@@ -270,7 +270,11 @@ def test_demo_cox_model_recovers_the_simulated_effects(demo_run):
     results = demo_run / "results"
     truth = pd.read_csv(results / "demo/true_coefficients.tsv", sep="\t").set_index("covariate")["coefficient"]
     cox = pd.read_csv(results / "survival/demo/cox_multivariable.tsv", sep="\t").set_index("covariate")
-    names = {"clinical:age": "age", "subtype:squamous": "subtype_squamous", "class_fraction:necrosis": "necrosis_fraction"}
+    names = {
+        "clinical:age": "age",
+        "subtype:squamous": "subtype_squamous",
+        "class_fraction:necrosis": "necrosis_fraction",
+    }
     for term, covariate in names.items():
         row, true = cox.loc[term], truth[covariate]
         assert np.sign(row["coef"]) == np.sign(true), term
