@@ -24,6 +24,7 @@ include: "rules/clustering.smk"
 include: "rules/survival.smk"
 include: "rules/figures.smk"
 include: "rules/preflight.smk"
+include: "rules/provenance.smk"
 
 
 rule all:

@@ -89,6 +89,7 @@ def qc_thumbnails(wildcards=None):
 
 def all_outputs(wildcards):
     return [
+        "results/versions.tsv",
         "results/qc/cohort.tsv",
         *qc_thumbnails(),
         *embedding_files(),
@@ -100,9 +101,21 @@ def all_outputs(wildcards):
         *prompt_sensitivity_outputs(),
         *evidence_figures(),
         *retrieval_outputs(),
+        *phenotype_outputs(),
         *survival_tables(),
         *survival_figures(),
     ]
+
+
+def figure_files(wildcards=None):
+    """Every figure of the default target (each stands for its files by its source-data TSV): the `figures`
+    target, and what the HTML report shows."""
+    figures = [path for path in all_outputs(wildcards) if path.startswith("results/figures/") or "/evidence/" in path]
+    if Path(config["slides"]).exists():
+        figures += expand(
+            "results/retrieval/{model}/text_to_tiles/{slug}.tsv", model=embedding_models(), slug=retrieval_query_slugs()
+        )
+    return figures
 
 
 def embedding_models():
@@ -488,9 +501,9 @@ def phenotype_outputs(wildcards=None):
 
 
 # --- shard rules made at parse time (embedding.smk, retrieval.smk) --------------------------------------------
-# One rule per (model[, prompt set], shard) with constant output paths: Snakemake finds the rule making a file
-# through an index of the outputs' constant prefixes, and a {model} wildcard right after results/embeddings/
-# made every lookup scan every shard's outputs (planning time grew with slides²: 167 s for 10,000 slides).
+# Made per model (and prompt set) and shard, with constant output paths. Snakemake looks up which job makes a
+# file in an index of the outputs' constant prefixes, and a {model} wildcard right after results/embeddings/
+# made every lookup scan every shard's outputs (planning time grew with slides², 167 s for 10,000 slides).
 
 
 def rule_name(*parts):

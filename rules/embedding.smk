@@ -1,27 +1,31 @@
-# Patch embedding: one job per shard of slides (one model load), one Parquet file per slide.
-# The shard rules are made from the sheet at parse time (cheap: ids only, no slide is opened).
+# Patch embedding: one job per (model, shard of slides): one model load, one Parquet file per slide.
+# The shard rules are made from the sheet at parse time (cheap: ids only, no slide is opened). Their output
+# paths are constant (the model is written in, not a {model} wildcard): Snakemake finds the rule that makes
+# a file through an index of the outputs' constant prefixes, and with a wildcard right after
+# results/embeddings/ every lookup scanned every shard's outputs (planning grew with slides²).
 
 
-for _shard, _slides in embedding_shards().items():
+for _model, _shard, _slides in embedding_shard_rules():
 
     rule:
         name:
-            f"embed_{_shard}"
+            rule_name("embed", _model, _shard)
         input:
             tiles=[f"results/tiles/{slide}.parquet" for slide in _slides],
-            model=model_inputs,
+            model=model_files(_model),
         output:
-            [f"results/embeddings/{{model}}/{slide}.parquet" for slide in _slides],
+            [f"results/embeddings/{_model}/{slide}.parquet" for slide in _slides],
         params:
-            model=model_entry,
+            model_name=_model,
+            model=config["models"][_model],
             embedding=config["embedding"],
             search_dirs=[".", workflow.basedir],
         log:
-            f"results/logs/embed/{{model}}/{_shard}.log",
+            f"results/logs/embed/{_model}/{_shard}.log",
         threads: config["embedding"]["threads"]
         resources:
-            mem_mb=config["embedding"]["mem_mb"],
-            runtime=240,
+            mem_mb=lambda wildcards, attempt: config["embedding"]["mem_mb"] * attempt,
+            runtime=lambda wildcards, attempt: 240 * attempt,
             gpu=0 if config["embedding"]["device"] == "cpu" else 1,
         conda:
             "../envs/torch.yaml"

@@ -47,5 +47,4 @@ rule figure_zeroshot:
 
 rule figures:
     input:
-        "results/figures/cohort_qc.tsv",
-        zeroshot_figures,
+        figure_files,

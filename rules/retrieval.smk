@@ -4,14 +4,15 @@
 
 # Evidence: one job per shard of slides (the embedding shards, embedding.shard_size slides each), so a cohort is
 # not thousands of two-second jobs; every slide still has its own figure, and asking for one builds its shard.
-for _shard, _slides in embedding_shards().items():
+# One rule per (model, prompt set, shard) with constant output paths, as in embedding.smk (planning stays linear).
+for _model, _promptset, _shard, _slides in evidence_shard_rules():
 
     rule:
         name:
-            f"zeroshot_evidence_{_shard}"
+            rule_name("zeroshot_evidence", _model, _promptset, _shard)
         input:
-            tile_scores="results/zeroshot/{model}/{promptset}/tile_scores",
-            calls="results/zeroshot/{model}/{promptset}/calls.tsv",
+            tile_scores=f"results/zeroshot/{_model}/{_promptset}/tile_scores",
+            calls=f"results/zeroshot/{_model}/{_promptset}/calls.tsv",
             tiles=[f"results/tiles/{slide}.parquet" for slide in _slides],
             thumbnails=[f"results/qc/{slide}.png" for slide in _slides],
             slides=[str(cohort()[slide].path) for slide in _slides],
@@ -19,21 +20,21 @@ for _shard, _slides in embedding_shards().items():
             # PNG only, whatever figures.formats says: one figure per slide of a cohort is for looking, not print.
             png=[
                 report(
-                    f"results/zeroshot/{{model}}/{{promptset}}/evidence/{slide}.png",
+                    f"results/zeroshot/{_model}/{_promptset}/evidence/{slide}.png",
                     caption="../config/report/zeroshot_evidence.rst",
                     category="2. Zero-shot calls",
-                    subcategory="{model} / {promptset}: evidence per slide",
+                    subcategory=f"{_model} / {_promptset}: evidence per slide",
                 )
                 for slide in _slides
             ],
-            tsv=[f"results/zeroshot/{{model}}/{{promptset}}/evidence/{slide}.tsv" for slide in _slides],
+            tsv=[f"results/zeroshot/{_model}/{_promptset}/evidence/{slide}.tsv" for slide in _slides],
         params:
             slides=_slides,
             style=figure_style,
             options=config["figures"]["evidence"],
             zeroshot={"pooling": config["zeroshot"]["pooling"], "top_k": config["zeroshot"]["top_k"]},
         log:
-            f"results/logs/zeroshot_evidence/{{model}}/{{promptset}}/{_shard}.log",
+            f"results/logs/zeroshot_evidence/{_model}/{_promptset}/{_shard}.log",
         threads: 1
         conda:
             "../envs/retrieval.yaml"

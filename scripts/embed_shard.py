@@ -1,4 +1,4 @@
-"""Rule embed_<shard>: the shard's tile files → results/embeddings/{model}/{slide}.parquet, one model load."""
+"""Rule embed_<model>_<shard>: the shard's tile files → results/embeddings/{model}/{slide}.parquet, one model load."""
 
 import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
 
@@ -8,7 +8,7 @@ from histoclip.models import ModelSpec, load_model
 
 with rule_log(snakemake.log[0], "histoclip.embed") as log:
     settings = snakemake.params.embedding
-    spec = ModelSpec.from_config(snakemake.wildcards.model, snakemake.params.model, snakemake.params.search_dirs)
+    spec = ModelSpec.from_config(snakemake.params.model_name, snakemake.params.model, snakemake.params.search_dirs)
     model = load_model(spec, settings["device"])
     log.info("model %s loaded: %s", spec.name, model.provenance())
     jobs = [SlideJob.from_tile_file(t, o) for t, o in zip(snakemake.input.tiles, snakemake.output, strict=True)]

@@ -100,8 +100,6 @@ def test_fixed_k_and_bad_k():
     assert set(summary["silhouette"]) == {"2"}
     with pytest.raises(InputError, match="clustering.k"):
         cluster_slides(features(values[:3]), ClusteringSettings(k=5))
-    with pytest.raises(InputError, match="clustering.k"):
-        cluster_slides(features(values[:2]), ClusteringSettings(k="auto"))
 
 
 def test_slide_embeddings_from_tiles_and_from_the_aggregation_file(tmp_path):
@@ -185,3 +183,13 @@ def test_map_and_figure_source_data(tmp_path):
     assert source["cluster"].iloc[-1] == "" and source["map_1"].iloc[-1] == ""
     assert source["label"].iloc[:40].tolist() == [str(t) for t in truth]
     assert len(figure.axes) == 2
+
+
+def test_a_pilot_cohort_too_small_for_auto_k_is_one_cluster_and_no_tiles_at_all_is_an_error():
+    values, _ = blobs(n=2, k=1)
+    table, summary = cluster_slides(features(values, n_tiles=[10, 10]), ClusteringSettings(k="auto", bootstrap=5))
+    assert summary["k"] == 1 and "too few" in summary["k_chosen_by"]
+    assert table["cluster"].tolist() == [0, 0]
+    empty = features(np.full((2, 8), np.nan), n_tiles=[0, 0])
+    with pytest.raises(InputError, match="no slide has tiles"):
+        cluster_slides(empty, ClusteringSettings(k="auto"))

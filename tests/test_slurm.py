@@ -281,6 +281,15 @@ def test_slurm_run_equals_local_run(runs):
 
 @pytest.mark.integration
 @pytest.mark.slow
+def test_nothing_left_to_do_after_the_slurm_run(runs):
+    """The cluster jobs recorded their outputs' metadata like a local run: a second look plans nothing."""
+    cluster = runs["cluster"]
+    again = snakemake(cluster, "-n", "--workflow-profile", str(cluster / "config/profiles/slurm"), *TEST_CLUSTER)
+    assert "Nothing to be done" in again.stdout + again.stderr, again.stdout + again.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.slow
 def test_every_job_went_through_the_scheduler(runs, slurm_cluster):
     cluster = runs["cluster"]
     jobs = [j for j in scheduler_jobs() if Path(j.get("WorkDir", "")) == cluster]
@@ -293,14 +302,14 @@ def test_every_job_went_through_the_scheduler(runs, slurm_cluster):
         by_rule.setdefault(name, []).append(job)
 
     expected = rules_run(runs["local_log"])
-    assert "tile" in expected and "train_clip" in expected and any(r.startswith("embed_shard") for r in expected)
+    assert "tile" in expected and "train_clip" in expected and any(r.startswith("embed_") for r in expected)
     assert set(by_rule) == {"tiling_tile" if r == "tile" else r for r in expected}
     # grouping: all tile jobs of the cohort in ceil(slides / 50) SLURM jobs
     group = load_profile()["group-components"]["tiling"]
     assert len(by_rule["tiling_tile"]) == math.ceil(N_SLIDES / group)
     # GPU jobs asked for a GPU through the plugin's `gpu` resource and were sent to the GPU partition
     for rule, rule_jobs in by_rule.items():
-        wants_gpu = rule.startswith("embed_shard") or rule == "train_clip"
+        wants_gpu = rule.startswith("embed_") or rule == "train_clip"
         for job in rule_jobs:
             assert job["Partition"] == ("gpu" if wants_gpu else "cpu"), (rule, job["Partition"])
             assert ("gres:gpu:1" in job.get("TresPerJob", "")) == wants_gpu, (rule, job.get("TresPerJob"))

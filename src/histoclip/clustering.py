@@ -266,15 +266,19 @@ def _cluster_slides(features: SlideFeatures, settings: ClusteringSettings) -> tu
     if settings.k == "auto":
         k_max = min(settings.k_max, n - 1)
         ks = list(range(max(2, settings.k_min), k_max + 1))
-        if not ks:
+        if n == 0:
             raise InputError(
-                f"{n} slide(s) with tiles: too few to choose k between {settings.k_min} and {settings.k_max}",
-                where="clustering.k",
-                fix="set clustering.k to a number (at most the number of slides) or add slides",
+                "no slide has tiles: there is nothing to cluster",
+                where="clustering",
+                fix="look at results/qc/cohort.tsv for why every slide failed",
             )
-        silhouettes = silhouette_by_k(values, ks, settings.seed, settings.n_init)
-        k = choose_k(silhouettes)
-        how = f"silhouette over k = {ks[0]}..{ks[-1]}"
+        if ks:
+            silhouettes = silhouette_by_k(values, ks, settings.seed, settings.n_init)
+            k = choose_k(silhouettes)
+            how = f"silhouette over k = {ks[0]}..{ks[-1]}"
+        else:  # a pilot cohort of two or three slides: one cluster, said so, rather than a failed run
+            k, how = 1, f"one cluster: {n} slide(s) with tiles are too few to choose k by silhouette"
+            log.warning("clustering: %s (set clustering.k to fix k)", how)
     else:
         k = int(settings.k)
         if not 1 <= k <= n:

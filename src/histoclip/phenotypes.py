@@ -102,12 +102,11 @@ def phenotype_columns(k: int) -> list[str]:
 
 
 def read_embedding_matrix(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(x, y, embeddings [N, D] float32) of one embedding file; reads only those three columns."""
-    table = pq.read_table(path, columns=["x", "y", "embedding"], memory_map=True)
-    column = table.column("embedding").combine_chunks()
-    dim = column.type.list_size
-    values = column.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
-    return table.column("x").to_numpy(), table.column("y").to_numpy(), values
+    """(x, y, embeddings [N, D] float32) of one embedding file, read by the workflow's one (torch-free) reader."""
+    from histoclip.aggregation import read_tile_embeddings
+
+    x, y, embeddings, _ = read_tile_embeddings(path)
+    return x, y, embeddings
 
 
 def _slide_rng(seed: int, slide_id: str) -> np.random.Generator:

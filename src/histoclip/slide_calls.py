@@ -12,7 +12,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -22,10 +22,12 @@ import pyarrow.parquet as pq
 from histoclip import store
 from histoclip.aggregation import read_tile_embeddings as read_embeddings
 from histoclip.evaluation import evaluate, evaluated_slides
-from histoclip.models import LoadedModel
 from histoclip.prompts import PromptSet
 from histoclip.sheets import SlideRecord
 from histoclip.zeroshot import call_slide, pool, text_classifier, tile_scores
+
+if TYPE_CHECKING:  # torch only where a model is used: stats-only jobs read classifiers too
+    from histoclip.models import LoadedModel
 
 log = logging.getLogger(__name__)
 
