@@ -67,11 +67,11 @@ def _write_slides(args: tuple[str, int, int, int, float, bool, list[int]]) -> No
             }
         )
         meta = {"weights_sha256": SHA, "dim": dim, "status": "ok"}
-        if plain:  # the embedding column without dictionary encoding (see --plain-embeddings)
+        if plain:  # as the embedding stage writes them: dictionary encoding for x and y only
             kv = {k.encode(): store.json_value(v).encode() for k, v in meta.items()}
             with store.atomic_path(Path(folder) / f"slide{i:05d}.parquet") as tmp:
                 pq.write_table(table.replace_schema_metadata(kv), tmp, use_dictionary=["x", "y"])
-        else:  # as the embedding stage writes them (pyarrow's defaults: dictionary encoding, snappy)
+        else:  # pyarrow's default, dictionary encoding of every column (the embedding stage before this was fixed)
             store.write_table_atomic(Path(folder) / f"slide{i:05d}.parquet", table, meta)
 
 
@@ -106,10 +106,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="writing the cohort")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="the stage's threads (rule threads)")
     parser.add_argument(
-        "--plain-embeddings",
+        "--dictionary-embeddings",
         action="store_true",
-        help="write the embedding column without dictionary encoding (the embedding stage uses pyarrow's default, "
-        "dictionary encoding, which makes float16 reads 2-4 times slower)",
+        help="write the embedding column with dictionary encoding (pyarrow's default, 2-4x slower float16 reads; "
+        "the embedding stage encodes only x and y)",
     )
     parser.add_argument("--write-only", action="store_true", help="write the cohort (if needed) and stop")
     parser.add_argument("--keep-outputs", action="store_true", help="keep the stage outputs (else deleted)")
@@ -119,8 +119,9 @@ def main() -> None:
     from histoclip.config import validate_config
     from histoclip.phenotypes import PhenotypeSettings, phenotype_columns, run_phenotypes
 
-    cohort = args.data / ("embeddings-plain" if args.plain_embeddings else "embeddings")
-    written = ensure_cohort(cohort, args.slides, args.tiles, args.dim, args.seed, args.workers, args.plain_embeddings)
+    plain = not args.dictionary_embeddings
+    cohort = args.data / ("embeddings-plain" if plain else "embeddings")
+    written = ensure_cohort(cohort, args.slides, args.tiles, args.dim, args.seed, args.workers, plain)
     if args.write_only:
         print(json.dumps({"cohort": str(cohort), **written}))
         return
@@ -167,7 +168,9 @@ def main() -> None:
                 "tiles": n_tiles,
                 "dim": args.dim,
                 "embedding_bytes": data_bytes,
-                "embedding_encoding": "plain" if args.plain_embeddings else "dictionary (as the embedding stage)",
+                "embedding_encoding": "x, y dictionary-encoded (as the embedding stage)"
+                if plain
+                else "dictionary (every column)",
                 "cohort_written_now": written["written"],
                 "write_cohort_s": written["write_s"],
                 "threads": args.threads,
