@@ -4,7 +4,7 @@
 
 rule aggregate:
     input:
-        embeddings=model_embeddings,
+        embeddings=embedding_manifest,
         tile_scores=aggregation_tile_scores,
     output:
         slides="results/slides/{model}.parquet",

@@ -4,7 +4,7 @@
 
 rule phenotypes:
     input:
-        embeddings=model_embeddings,
+        embeddings=embedding_manifest,
         classifiers=phenotype_classifiers,
     output:
         composition="results/phenotypes/{model}/composition.tsv",
@@ -39,7 +39,7 @@ rule phenotype_gallery:
     input:
         gallery_tiles="results/phenotypes/{model}/gallery_tiles.tsv",
         phenotypes="results/phenotypes/{model}/phenotypes.tsv",
-        tiles=tile_files,
+        cohort_qc="results/qc/cohort.tsv",  # stands for every tile file (it is made from them all)
     output:
         **figure_outputs(
             "results/figures/phenotypes/{model}/gallery",
@@ -50,6 +50,7 @@ rule phenotype_gallery:
     params:
         style=figure_style,
         sheet=config["slides"],
+        tiles=tile_files,
     log:
         "results/logs/figures/phenotypes/{model}.log",
     conda:

@@ -91,8 +91,7 @@ def all_outputs(wildcards):
     return [
         "results/versions.tsv",
         "results/qc/cohort.tsv",
-        *qc_thumbnails(),
-        *embedding_files(),
+        *embedding_manifests(),
         *zeroshot_calls(),
         "results/figures/cohort_qc.tsv",
         *zeroshot_figures(),
@@ -181,6 +180,15 @@ def zeroshot_calls(wildcards=None):
 
 def model_embeddings(wildcards):
     return expand("results/embeddings/{model}/{slide}.parquet", model=wildcards.model, slide=slide_ids())
+
+
+def embedding_manifest(wildcards):
+    """The file that stands for all of a model's embedding files (what the cohort-wide rules take as input)."""
+    return f"results/embeddings/{wildcards.model}.tsv"
+
+
+def embedding_manifests(wildcards=None):
+    return expand("results/embeddings/{model}.tsv", model=embedding_models())
 
 
 def training_inputs(wildcards):
@@ -322,15 +330,13 @@ def prompt_sensitivity_outputs(wildcards=None):
 
 
 def evidence_figures(wildcards=None):
-    """Per-slide evidence figures (their source-data TSVs) for every (model, prompt set); empty before the sheet."""
+    """The evidence shards' index files (each lists its slides' figures) for every (model, prompt set)."""
     if not Path(config["slides"]).exists():
         return []
-    return expand(
-        "results/zeroshot/{model}/{promptset}/evidence/{slide}.tsv",
-        model=embedding_models(),
-        promptset=prompt_set_names(),
-        slide=slide_ids(),
-    )
+    return [
+        f"results/zeroshot/{model}/{promptset}/evidence/index/{shard}.tsv"
+        for model, promptset, shard, _ in evidence_shard_rules()
+    ]
 
 
 def retrieval_query_slugs():
@@ -477,7 +483,7 @@ def slide_cluster_inputs(wildcards):
         return {"composition": f"results/phenotypes/{wildcards.model}/composition.tsv"}
     if rule_writes(f"results/slides/{wildcards.model}.parquet"):
         return {"slide_embeddings": f"results/slides/{wildcards.model}.parquet"}
-    return {"embeddings": model_embeddings(wildcards)}
+    return {"embeddings": embedding_manifest(wildcards)}
 
 
 def slide_map_calls(wildcards):

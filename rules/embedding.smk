@@ -31,3 +31,20 @@ for _model, _shard, _slides in embedding_shard_rules():
             "../envs/torch.yaml"
         script:
             "../scripts/embed_shard.py"
+
+
+rule embedding_manifest:
+    """One file that stands for a model's embedding files (see histoclip.aggregation.write_embedding_manifest)."""
+    input:
+        embeddings=model_embeddings,
+    output:
+        manifest="results/embeddings/{model}.tsv",
+    params:
+        slides=lambda wildcards: slide_ids(),
+    log:
+        "results/logs/embedding_manifest/{model}.log",
+    localrule: True
+    conda:
+        "../envs/stats.yaml"
+    script:
+        "../scripts/embedding_manifest.py"

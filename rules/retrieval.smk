@@ -13,9 +13,6 @@ for _model, _promptset, _shard, _slides in evidence_shard_rules():
         input:
             tile_scores=f"results/zeroshot/{_model}/{_promptset}/tile_scores",
             calls=f"results/zeroshot/{_model}/{_promptset}/calls.tsv",
-            tiles=[f"results/tiles/{slide}.parquet" for slide in _slides],
-            thumbnails=[f"results/qc/{slide}.png" for slide in _slides],
-            slides=[str(cohort()[slide].path) for slide in _slides],
         output:
             # PNG only, whatever figures.formats says: one figure per slide of a cohort is for looking, not print.
             png=[
@@ -28,8 +25,16 @@ for _model, _promptset, _shard, _slides in evidence_shard_rules():
                 for slide in _slides
             ],
             tsv=[f"results/zeroshot/{_model}/{_promptset}/evidence/{slide}.tsv" for slide in _slides],
+            # the shard's slides and their figures: what the default target asks for (one file per shard keeps
+            # planning a 10,000-slide cohort from resolving 10,000 more targets)
+            index=f"results/zeroshot/{_model}/{_promptset}/evidence/index/{_shard}.tsv",
         params:
             slides=_slides,
+            # Made before the calls these jobs read, so params, not inputs: a 10,000-slide cohort then plans
+            # without resolving 30,000 more files (the tile job writes tile file and thumbnail together).
+            tiles=[f"results/tiles/{slide}.parquet" for slide in _slides],
+            thumbnails=[f"results/qc/{slide}.png" for slide in _slides],
+            slide_files=[str(cohort()[slide].path) for slide in _slides],
             style=figure_style,
             options=config["figures"]["evidence"],
             zeroshot={"pooling": config["zeroshot"]["pooling"], "top_k": config["zeroshot"]["top_k"]},
@@ -45,8 +50,8 @@ for _model, _promptset, _shard, _slides in evidence_shard_rules():
 rule retrieve_tiles:
     input:
         model=model_inputs,
-        embeddings=model_embeddings,
-        tiles=tile_files,
+        embeddings=embedding_manifest,
+        cohort_qc="results/qc/cohort.tsv",  # stands for every tile file (it is made from them all)
         class_maps=demo_class_maps,
     output:
         table="results/retrieval/{model}/text_to_tiles.tsv",
@@ -58,6 +63,7 @@ rule retrieve_tiles:
         device=config["embedding"]["device"],
         sheet=config["slides"],
         slides=lambda wildcards: slide_ids(),
+        tiles=tile_files,
         style=figure_style,
     log:
         "results/logs/retrieval/{model}/text_to_tiles.log",

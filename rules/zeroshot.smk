@@ -23,7 +23,7 @@ rule encode_prompts:
 rule zeroshot:
     input:
         classifier="results/zeroshot/{model}/{promptset}/text_classifier.parquet",
-        embeddings=model_embeddings,
+        embeddings=embedding_manifest,
     output:
         calls="results/zeroshot/{model}/{promptset}/calls.tsv",
         tile_scores=directory("results/zeroshot/{model}/{promptset}/tile_scores"),
@@ -50,7 +50,7 @@ rule prompt_sensitivity:
         model=model_inputs,
         classifier="results/zeroshot/{model}/{promptset}/text_classifier.parquet",
         calls="results/zeroshot/{model}/{promptset}/calls.tsv",
-        embeddings=model_embeddings,
+        embeddings=embedding_manifest,
     output:
         json="results/zeroshot/{model}/{promptset}/prompt_sensitivity.json",
         table="results/zeroshot/{model}/{promptset}/prompt_sensitivity.tsv",

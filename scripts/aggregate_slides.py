@@ -2,7 +2,7 @@
 
 import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
 
-from histoclip.aggregation import aggregate_slides
+from histoclip.aggregation import aggregate_slides, embedding_paths
 from histoclip.logs import rule_log
 
 with rule_log(snakemake.log[0], "histoclip.aggregation") as log:
@@ -14,7 +14,7 @@ with rule_log(snakemake.log[0], "histoclip.aggregation") as log:
     table = aggregate_slides(
         slides,
         snakemake.params.patients,
-        snakemake.input.embeddings,
+        embedding_paths(snakemake.input.embeddings, snakemake.params.slides),
         snakemake.output.slides,
         tile_score_files=score_files,
         class_top_k=settings["class_top_k"],

@@ -2,6 +2,7 @@
 
 import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
 
+from histoclip.aggregation import embedding_paths
 from histoclip.clustering import (
     ClusteringSettings,
     cluster_slides,
@@ -24,7 +25,7 @@ with rule_log(snakemake.log[0], "histoclip.clustering") as log:
         records = {r.slide_id: r for r in read_cohort_sheet(snakemake.params.sheet)}
         slides = list(snakemake.params.slides)
         features = slide_embeddings_from_tiles(
-            slides, [records[s].patient_id for s in slides], snakemake.input.embeddings
+            slides, [records[s].patient_id for s in slides], embedding_paths(snakemake.input.embeddings, slides)
         )
     table, summary = cluster_slides(features, settings)
     write_clustering(table, summary, snakemake.output.clusters, snakemake.output.summary)

@@ -2,6 +2,7 @@
 
 import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
 
+from histoclip.aggregation import embedding_paths
 from histoclip.logs import rule_log
 from histoclip.phenotypes import PhenotypeSettings, run_phenotypes
 from histoclip.sheets import read_cohort_sheet
@@ -19,7 +20,7 @@ with rule_log(snakemake.log[0], "histoclip.phenotypes") as log:
     result = run_phenotypes(
         slides,
         [records[s].patient_id for s in slides],
-        snakemake.input.embeddings,
+        embedding_paths(snakemake.input.embeddings, snakemake.params.slides),
         snakemake.output.assignments.rsplit("/", 1)[0],
         PhenotypeSettings.from_config(settings, seed),
         classifiers,

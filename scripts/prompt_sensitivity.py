@@ -2,6 +2,7 @@
 
 import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
 
+from histoclip.aggregation import embedding_paths
 from histoclip.logs import rule_log
 from histoclip.models import ModelSpec, load_model
 from histoclip.prompts import load_prompt_set
@@ -18,13 +19,14 @@ with rule_log(snakemake.log[0], "histoclip.sensitivity") as log:
     spec = ModelSpec.from_config(snakemake.wildcards.model, snakemake.params.model, snakemake.params.search_dirs)
     model = load_model(spec, snakemake.params.device)
     stored = read_text_classifier(snakemake.input.classifier)
+    slides = list(snakemake.params.slides)
     summary, table = cohort_prompt_sensitivity(
         prompt_set,
         PromptCache(model.encode_texts),
         model.logit_scale,
         model.weights_sha256,
         snakemake.input.calls,
-        dict(zip(snakemake.params.slides, snakemake.input.embeddings, strict=True)),
+        dict(zip(slides, embedding_paths(snakemake.input.embeddings, slides), strict=True)),
         (stored.classes, stored.weights),
         SensitivitySettings(**snakemake.params.settings),
     )

@@ -5,6 +5,7 @@ from pathlib import Path
 import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
 import numpy as np
 
+from histoclip.aggregation import embedding_paths
 from histoclip.logs import rule_log
 from histoclip.models import ModelSpec, load_model
 from histoclip.plots import FigureStyle, write_tsv
@@ -22,12 +23,12 @@ with rule_log(snakemake.log[0], "histoclip.retrieval") as log:
     model = load_model(spec, params.device)
     text = model.encode_texts(queries).cpu().numpy() if queries else np.zeros((0, model.dim), np.float32)
     table = text_to_tiles(
-        queries, text, slides, snakemake.input.embeddings, params.settings["top_n"],
+        queries, text, slides, embedding_paths(snakemake.input.embeddings, slides), params.settings["top_n"],
         weights_sha256=model.weights_sha256,
     )  # fmt: skip
     write_tsv(table, snakemake.output.table)
     slide_paths = {sid: str(records[sid].path) for sid in slides}
-    tile_files = dict(zip(slides, snakemake.input.tiles, strict=True))
+    tile_files = dict(zip(slides, snakemake.params.tiles, strict=True))
     style = FigureStyle.from_config(params.style)
     for i, query in enumerate(queries):
         rows = table[table["query"] == query].sort_values("rank")

@@ -2,6 +2,7 @@
 
 import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
 
+from histoclip.aggregation import embedding_paths
 from histoclip.logs import rule_log
 from histoclip.sheets import read_cohort_sheet
 from histoclip.slide_calls import CallSettings, call_cohort, read_text_classifier
@@ -10,7 +11,7 @@ with rule_log(snakemake.log[0], "histoclip.zeroshot") as log:
     records = {r.slide_id: r for r in read_cohort_sheet(snakemake.params.sheet)}
     calls = call_cohort(
         [records[slide] for slide in snakemake.params.slides],
-        snakemake.input.embeddings,
+        embedding_paths(snakemake.input.embeddings, snakemake.params.slides),
         read_text_classifier(snakemake.input.classifier),
         snakemake.output.tile_scores.rsplit("/", 1)[0],
         CallSettings(**snakemake.params.settings),

@@ -7,7 +7,7 @@ import pandas as pd
 
 from histoclip.evidence import EvidenceOptions, slide_evidence
 from histoclip.logs import rule_log
-from histoclip.plots import FigureStyle
+from histoclip.plots import FigureStyle, write_tsv
 from histoclip.store import read_metadata
 
 with rule_log(snakemake.log[0], "histoclip.evidence") as log:
@@ -23,10 +23,10 @@ with rule_log(snakemake.log[0], "histoclip.evidence") as log:
         if options.include_background:
             classes += [c for c in read_metadata(scores_path).get("classes", []) if c not in classes]
         shown = slide_evidence(
-            snakemake.input.slides[i],
-            snakemake.input.tiles[i],
+            snakemake.params.slide_files[i],
+            snakemake.params.tiles[i],
             scores_path,
-            snakemake.input.thumbnails[i],
+            snakemake.params.thumbnails[i],
             snakemake.output.tsv[i][: -len(".tsv")],
             classes,
             call=calls.loc[slide_id].to_dict() if slide_id in calls.index else None,
@@ -35,3 +35,12 @@ with rule_log(snakemake.log[0], "histoclip.evidence") as log:
             style=style,
         )
         log.info("slide %s: %d classes, %d tiles shown", slide_id, len(classes), len(shown))
+    index = pd.DataFrame(
+        {
+            "slide_id": list(snakemake.params.slides),
+            "call": [calls.loc[s, "call"] if s in calls.index else "" for s in snakemake.params.slides],
+            "figure": list(snakemake.output.png),
+            "source_data": list(snakemake.output.tsv),
+        }
+    )
+    write_tsv(index, snakemake.output.index)

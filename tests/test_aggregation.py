@@ -169,3 +169,17 @@ def test_patient_embedding_is_tile_weighted_and_skips_empty_slides():
     assert frame["n_slides"].tolist() == [3, 1] and frame["n_tiles"].tolist() == [4, 0]
     np.testing.assert_allclose(matrix[0], unit(1 * e1 + 3 * e2), atol=1e-7)
     assert np.isnan(matrix[1]).all()
+
+
+def test_embedding_manifest_lists_the_files_in_sheet_order_and_refuses_a_stale_one(tmp_path):
+    from histoclip.aggregation import embedding_paths, write_embedding_manifest
+    from histoclip.errors import InputError
+
+    files = [f"results/embeddings/m/{s}.parquet" for s in ("b", "a", "c")]
+    write_embedding_manifest(tmp_path / "m.tsv", ["b", "a", "c"], files)
+    assert embedding_paths(tmp_path / "m.tsv", ["b", "a", "c"]) == files
+    assert embedding_paths(tmp_path / "m.tsv") == files
+    with pytest.raises(InputError, match="sheet's order"):
+        embedding_paths(tmp_path / "m.tsv", ["a", "b", "c"])
+    with pytest.raises(ValueError, match="3 slide ids but 2"):
+        write_embedding_manifest(tmp_path / "x.tsv", ["b", "a", "c"], files[:2])

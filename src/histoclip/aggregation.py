@@ -38,6 +38,8 @@ from histoclip import store
 from histoclip.errors import InputError
 
 __all__ = [
+    "embedding_paths",
+    "write_embedding_manifest",
     "PROVENANCE_KEYS",
     "aggregate_slides",
     "class_topk_embeddings",
@@ -122,6 +124,33 @@ def read_tile_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.n
     dim = column.type.list_size
     values = column.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
     return table.column("x").to_numpy(), table.column("y").to_numpy(), values, meta
+
+
+def write_embedding_manifest(path: str | Path, slide_ids: Sequence[str], files: Sequence[str | Path]) -> None:
+    """One line per slide (slide_id, path) in sheet order: the file that stands for a model's embeddings.
+
+    Why: rules that read every slide's embeddings take this one file as input instead of 10,000 paths each;
+    Snakemake then resolves the 10,000 files once (for this file's rule) rather than once per such rule, which
+    is most of what planning a large cohort costs. The manifest is rewritten (new mtime) whenever an embedding
+    file changes, so everything downstream still re-runs when it should.
+    """
+    if len(slide_ids) != len(files):
+        raise ValueError(f"{len(slide_ids)} slide ids but {len(files)} embedding files")
+    frame = pd.DataFrame({"slide_id": list(slide_ids), "path": [str(f) for f in files]})
+    store.write_text_atomic(path, frame.to_csv(sep="\t", index=False, lineterminator="\n"))
+
+
+def embedding_paths(manifest: str | Path, slide_ids: Sequence[str] | None = None) -> list[str]:
+    """The embedding files of a manifest (:func:`write_embedding_manifest`), in its order; with ``slide_ids``,
+    checked to be those slides in that order (a stale manifest would silently pair slides with other files)."""
+    frame = pd.read_csv(manifest, sep="\t", dtype=str, keep_default_na=False)
+    if slide_ids is not None and frame["slide_id"].tolist() != list(slide_ids):
+        raise InputError(
+            "the embedding manifest does not list the sheet's slides in the sheet's order",
+            where=str(manifest),
+            fix="re-run the workflow: Snakemake rewrites the manifest when the sheet changes (or delete the file)",
+        )
+    return frame["path"].tolist()
 
 
 def _read_tile_scores(
