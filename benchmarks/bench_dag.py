@@ -46,9 +46,7 @@ def make_cohort(folder: Path, n_slides: int) -> tuple[Path, Path]:
     sheet = folder / "slides.tsv"
     sheet.write_text("slide_id\tpatient_id\tpath\n" + "".join(sheet_rows))
     clinical = folder / "clinical.tsv"
-    clinical.write_text(
-        "patient_id\ttime\tevent\n" + "".join(f"{p}\t{t}\t{e}\n" for p, (t, e) in patients.items())
-    )
+    clinical.write_text("patient_id\ttime\tevent\n" + "".join(f"{p}\t{t}\t{e}\n" for p, (t, e) in patients.items()))
     return sheet, clinical
 
 

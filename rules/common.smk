@@ -65,18 +65,22 @@ def slide_path(wildcards):
     return str(slide_record(wildcards).path)
 
 
-def tiling_settings(wildcards):
-    """Everything that decides a slide's tile grid: a change here re-tiles the slide (params rerun trigger)."""
-    record = slide_record(wildcards)
+def tiling_settings():
+    """Every setting that decides a slide's tile grid, but the slide's own (patient, sheet mpp): a change here
+    re-tiles the cohort (params rerun trigger). tiling.shard_size and tiling.threads only decide how jobs are cut."""
     return {
-        "patient_id": record.patient_id,
-        "sheet_mpp": record.mpp,
         "on_slide_error": config["on_slide_error"],
-        "tiling": config["tiling"],
+        "tiling": {k: v for k, v in config["tiling"].items() if k not in ("shard_size", "threads")},
         "tissue": config["tissue"],
         "mpp": config["mpp"],
         "qc_thumbnail_px": config["qc"]["thumbnail_px"],
     }
+
+
+def slide_tiling_settings(slide_ids):
+    """{slide: what the sheet says that decides its tiles}: a change re-runs the slide's tiling shard."""
+    records = cohort()
+    return {slide: {"patient_id": records[slide].patient_id, "sheet_mpp": records[slide].mpp} for slide in slide_ids}
 
 
 def tile_files(wildcards=None):
@@ -125,19 +129,38 @@ def model_entry(wildcards):
     return config["models"][wildcards.model]
 
 
-def embedding_shards():
+def cohort_shards(size):
     """{shard name: slide ids}: fixed-size chunks of the sheet, in sheet order (appending slides to the
     sheet only changes the last shard). Empty while the sheet doesn't exist yet (the demo before
     `snakemake demo_cohort`). Reading the sheet here is cheap; no slide is opened."""
     if not Path(config["slides"]).exists():
         return {}
     ids = slide_ids()
-    size = config["embedding"]["shard_size"]
     return {f"shard{start // size:05d}": ids[start : start + size] for start in range(0, len(ids), size)}
 
 
-def embedding_files(wildcards=None):
-    return expand("results/embeddings/{model}/{slide}.parquet", model=embedding_models(), slide=slide_ids())
+def embedding_shards():
+    return cohort_shards(config["embedding"]["shard_size"])
+
+
+def tiling_shards():
+    return cohort_shards(config["tiling"]["shard_size"])
+
+
+def tiling_shard_tables(wildcards=None):
+    """The tiling shards' tables (results/qc/shards/): together they stand for every tile file."""
+    return expand("results/qc/shards/{shard}.tsv", shard=tiling_shards())
+
+
+@functools.cache
+def _tiling_shard_of():
+    return {slide: shard for shard, ids in tiling_shards().items() for slide in ids}
+
+
+def tiling_shard_tables_of(slides):
+    """The tables of the tiling shards that tile ``slides`` (each once, in order)."""
+    shard_of = _tiling_shard_of()
+    return [f"results/qc/shards/{shard}.tsv" for shard in dict.fromkeys(shard_of[slide] for slide in slides)]
 
 
 def model_inputs(wildcards):
@@ -178,8 +201,8 @@ def zeroshot_calls(wildcards=None):
     )
 
 
-def model_embeddings(wildcards):
-    return expand("results/embeddings/{model}/{slide}.parquet", model=wildcards.model, slide=slide_ids())
+def embedding_shard_manifests(wildcards):
+    return expand("results/embeddings/{model}/shards/{shard}.tsv", model=wildcards.model, shard=embedding_shards())
 
 
 def embedding_manifest(wildcards):
@@ -471,17 +494,12 @@ def phenotype_classifiers(wildcards):
     )
 
 
-def rule_writes(path):
-    """Whether a rule of the workflow writes ``path`` (e.g. the aggregation stage's slide table)."""
-    return any(rule.is_producer(path) for rule in workflow.rules)
-
-
 def slide_cluster_inputs(wildcards):
     """Slide features for clustering: phenotype compositions, or slide embeddings (the aggregation stage's table
     when the workflow has one, else the tile embeddings, averaged by the clustering job itself)."""
     if config["clustering"]["slide_features"] == "composition":
         return {"composition": f"results/phenotypes/{wildcards.model}/composition.tsv"}
-    if rule_writes(f"results/slides/{wildcards.model}.parquet"):
+    if hasattr(rules, "aggregate"):  # absent where the workflow is used as a module without rules/aggregation.smk
         return {"slide_embeddings": f"results/slides/{wildcards.model}.parquet"}
     return {"embeddings": embedding_manifest(wildcards)}
 
@@ -522,6 +540,12 @@ def model_files(model):
     from types import SimpleNamespace
 
     return model_inputs(SimpleNamespace(model=model))
+
+
+def shard_runtime(n_slides, minutes_per_slide):
+    """Walltime (minutes) of a shard job that works ``threads`` slides at a time, growing with the attempt. A
+    function that makes the callable, so that each shard rule binds its own ``n_slides``."""
+    return lambda wildcards, threads, attempt: minutes_per_slide * -(-n_slides // threads) * attempt
 
 
 def embedding_shard_rules():

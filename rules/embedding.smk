@@ -11,11 +11,16 @@ for _model, _shard, _slides in embedding_shard_rules():
         name:
             rule_name("embed", _model, _shard)
         input:
-            tiles=[f"results/tiles/{slide}.parquet" for slide in _slides],
+            # the tables of the tiling shards that made this shard's tile files stand for them (planning then
+            # resolves a few files per job, not one per slide); the tile files themselves are params
+            tiling=tiling_shard_tables_of(_slides),
             model=model_files(_model),
         output:
-            [f"results/embeddings/{_model}/{slide}.parquet" for slide in _slides],
+            # the shard's lines of the model's embedding manifest (first, as in tiling.smk)
+            manifest=f"results/embeddings/{_model}/shards/{_shard}.tsv",
+            embeddings=[f"results/embeddings/{_model}/{slide}.parquet" for slide in _slides],
         params:
+            tiles=[f"results/tiles/{slide}.parquet" for slide in _slides],
             model_name=_model,
             model=config["models"][_model],
             embedding=config["embedding"],
@@ -34,9 +39,10 @@ for _model, _shard, _slides in embedding_shard_rules():
 
 
 rule embedding_manifest:
-    """One file that stands for a model's embedding files (see histoclip.aggregation.write_embedding_manifest)."""
+    """One file that stands for a model's embedding files (see histoclip.aggregation.write_embedding_manifest):
+    the shards' manifests, in sheet order."""
     input:
-        embeddings=model_embeddings,
+        shards=embedding_shard_manifests,
     output:
         manifest="results/embeddings/{model}.tsv",
     params:

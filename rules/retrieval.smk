@@ -14,6 +14,9 @@ for _model, _promptset, _shard, _slides in evidence_shard_rules():
             tile_scores=f"results/zeroshot/{_model}/{_promptset}/tile_scores",
             calls=f"results/zeroshot/{_model}/{_promptset}/calls.tsv",
         output:
+            # the shard's slides and their figures: what the default target asks for (one file per shard keeps
+            # planning a 10,000-slide cohort from resolving 10,000 more targets)
+            index=f"results/zeroshot/{_model}/{_promptset}/evidence/index/{_shard}.tsv",
             # PNG only, whatever figures.formats says: one figure per slide of a cohort is for looking, not print.
             png=[
                 report(
@@ -25,13 +28,10 @@ for _model, _promptset, _shard, _slides in evidence_shard_rules():
                 for slide in _slides
             ],
             tsv=[f"results/zeroshot/{_model}/{_promptset}/evidence/{slide}.tsv" for slide in _slides],
-            # the shard's slides and their figures: what the default target asks for (one file per shard keeps
-            # planning a 10,000-slide cohort from resolving 10,000 more targets)
-            index=f"results/zeroshot/{_model}/{_promptset}/evidence/index/{_shard}.tsv",
         params:
             slides=_slides,
             # Made before the calls these jobs read, so params, not inputs: a 10,000-slide cohort then plans
-            # without resolving 30,000 more files (the tile job writes tile file and thumbnail together).
+            # without resolving 30,000 more files (the tiling shard writes tile file and thumbnail together).
             tiles=[f"results/tiles/{slide}.parquet" for slide in _slides],
             thumbnails=[f"results/qc/{slide}.png" for slide in _slides],
             slide_files=[str(cohort()[slide].path) for slide in _slides],

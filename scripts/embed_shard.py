@@ -1,7 +1,9 @@
-"""Rule embed_<model>_<shard>: the shard's tile files → results/embeddings/{model}/{slide}.parquet, one model load."""
+"""Rules embed_<model>_<shard>: the shard's tile files → results/embeddings/{model}/{slide}.parquet (one model load),
+and the shard's lines of the embedding manifest → results/embeddings/{model}/shards/{shard}.tsv."""
 
 import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
 
+from histoclip.aggregation import write_embedding_manifest
 from histoclip.embedding import SlideJob, embed_shard
 from histoclip.logs import rule_log
 from histoclip.models import ModelSpec, load_model
@@ -11,7 +13,8 @@ with rule_log(snakemake.log[0], "histoclip.embed") as log:
     spec = ModelSpec.from_config(snakemake.params.model_name, snakemake.params.model, snakemake.params.search_dirs)
     model = load_model(spec, settings["device"])
     log.info("model %s loaded: %s", spec.name, model.provenance())
-    jobs = [SlideJob.from_tile_file(t, o) for t, o in zip(snakemake.input.tiles, snakemake.output, strict=True)]
+    outputs = snakemake.output.embeddings
+    jobs = [SlideJob.from_tile_file(t, o) for t, o in zip(snakemake.params.tiles, outputs, strict=True)]
     report = embed_shard(
         jobs,
         model,
@@ -22,6 +25,7 @@ with rule_log(snakemake.log[0], "histoclip.embed") as log:
         row_group_rows=settings["row_group_rows"],
         on_slide_error=snakemake.config["on_slide_error"],
     )
+    write_embedding_manifest(snakemake.output.manifest, [job.slide_id for job in jobs], outputs)
     log.info(
         "shard done: %d computed, %d reused, %d failed, %d tiles in %.1f s",
         len(report.computed),

@@ -10,7 +10,14 @@ from histoclip.errors import InputError
 
 def test_demo_config_is_valid_and_defaults_are_filled(repo):
     config = validate_config(load_yaml(repo / "config" / "config.yaml"))
-    assert config["tiling"] == {"target_mpp": 0.5, "tile_px": 224, "overlap_px": 0, "min_tissue_fraction": 0.5}
+    assert config["tiling"] == {
+        "target_mpp": 0.5,
+        "tile_px": 224,
+        "overlap_px": 0,
+        "min_tissue_fraction": 0.5,
+        "shard_size": 50,
+        "threads": 4,
+    }
     assert config["mpp"] == {"min": 0.05, "max": 20.0}
     assert config["qc"]["thumbnail_px"] == 1024
     assert config["on_slide_error"] == "fail"
@@ -88,4 +95,6 @@ def test_tiling_schema_defaults_are_the_library_defaults():
 
     from histoclip.tiling import TilingParams
 
-    assert validate_config({})["tiling"] == asdict(TilingParams())
+    tiling = validate_config({})["tiling"]
+    jobs = {key: tiling.pop(key) for key in ("shard_size", "threads")}  # how jobs are cut, not the grid
+    assert tiling == asdict(TilingParams()) and jobs == {"shard_size": 50, "threads": 4}

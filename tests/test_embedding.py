@@ -17,10 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from histoclip.embedding import SlideJob, embed_shard, finished_path
+from histoclip.embedding import SlideJob, embed_shard
 from histoclip.errors import InputError, SlideError
 from histoclip.models import ModelSpec, load_model, resolve_device
-from histoclip.store import read_metadata, sha256_file
+from histoclip.store import finished_path, read_metadata, sha256_file
 from histoclip.synth import write_pyramid_tiff
 from histoclip.tiling import TilingParams, run_tiling
 

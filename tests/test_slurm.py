@@ -8,7 +8,7 @@ cluster without slurmdbd needs), and checks that
 - the outputs equal those of a local run of the same configuration (tiles, embeddings, trained model, calls),
 - every job went through sbatch: the scheduler's own record (`scontrol show job`, the job-completion log)
   lists one completed job per rule the local run ran, with the profile's resources, GPU jobs on the GPU
-  partition, and all tile jobs in one group job,
+  partition, and one job per shard of slides,
 - and every daemon it started is stopped afterwards.
 
 It needs root and SLURM (installed with apt-get when missing). Where that is impossible it skips with the
@@ -38,12 +38,13 @@ START = REPO / "tests" / "slurm" / "start_slurm.sh"
 STOP = REPO / "tests" / "slurm" / "stop_slurm.sh"
 MARK = "# written by histoclip tests/slurm/start_slurm.sh"
 
-# The demo, reduced to keep CI time down: 7 slides (two embedding shards), 20 small training steps.
+# The demo, reduced to keep CI time down: 7 slides (two tiling and two embedding shards), 20 small training steps.
 SMALL = """\
 demo: {n_patients: 6, extra_slides: 1, slide_px: 2048}
 training:
   demo-clip: {steps: 20, batch_size: 16}
 embedding: {shard_size: 4, threads: 2}
+tiling: {shard_size: 4, threads: 2}
 """
 N_SLIDES = 7
 # What a cluster without slurmdbd needs (see the profile's SITE SETTINGS), and a fast, bounded test run:
@@ -78,9 +79,10 @@ def test_profile_names_only_rules_that_exist():
     profile = load_profile()
     rules = rule_names()
     assert profile["executor"] == "slurm"
-    for rule in list(profile["set-resources"]) + list(profile["groups"]):
+    for rule in profile["set-resources"]:
         assert rule in rules, f"profile refers to rule {rule!r}, which is not in rules/*.smk"
-    assert set(profile["group-components"]) == set(profile["groups"].values())
+    # tiling and embedding are sharded (one job per shard of slides): grouping would only add a layer
+    assert "groups" not in profile and "group-components" not in profile
 
 
 def resource_at(expression, attempt: int):
@@ -302,24 +304,27 @@ def test_every_job_went_through_the_scheduler(runs, slurm_cluster):
         by_rule.setdefault(name, []).append(job)
 
     expected = rules_run(runs["local_log"])
-    assert "tile" in expected and "train_clip" in expected and any(r.startswith("embed_") for r in expected)
+    assert "train_clip" in expected and {"tile_shard00000", "tile_shard00001"} <= expected
+    assert any(r.startswith("embed_") for r in expected)
     # rules declared `localrule: True` (a few lines of bookkeeping) run in the Snakemake process on the login node
     ran_locally = set(re.findall(r"^localrule (\w+):", runs["cluster_log"], flags=re.M)) - {"all"}
     assert ran_locally <= {"versions", "embedding_manifest"}, ran_locally
-    assert set(by_rule) == {"tiling_tile" if r == "tile" else r for r in expected - ran_locally}
-    # grouping: all tile jobs of the cohort in ceil(slides / 50) SLURM jobs
-    group = load_profile()["group-components"]["tiling"]
-    assert len(by_rule["tiling_tile"]) == math.ceil(N_SLIDES / group)
+    assert set(by_rule) == expected - ran_locally
+    # one SLURM job per shard of slides: 7 slides, 4 per shard
+    tiling = [rule for rule in by_rule if rule.startswith("tile_")]
+    assert len(tiling) == math.ceil(N_SLIDES / 4) and all(len(by_rule[rule]) == 1 for rule in tiling)
     # GPU jobs asked for a GPU through the plugin's `gpu` resource and were sent to the GPU partition
     for rule, rule_jobs in by_rule.items():
         wants_gpu = rule.startswith("embed_") or rule == "train_clip"
         for job in rule_jobs:
             assert job["Partition"] == ("gpu" if wants_gpu else "cpu"), (rule, job["Partition"])
             assert ("gres:gpu:1" in job.get("TresPerJob", "")) == wants_gpu, (rule, job.get("TresPerJob"))
-    # the profile's resources reached sbatch (attempt 1); a group job asks for `cores` (here 2) tile jobs' worth
+    # the profile's resources reached sbatch (attempt 1); a tiling shard asks for its threads (here 2) and
+    # 2000 MB per thread (rules/tiling.smk)
     wanted = load_profile()["set-resources"]
     assert by_rule["train_clip"][0]["MinMemoryNode"] == f"{resource_at(wanted['train_clip']['mem_mb'], 1)}M"
-    assert by_rule["tiling_tile"][0]["MinMemoryNode"] == f"{2 * resource_at(wanted['tile']['mem_mb'], 1)}M"
+    for rule in tiling:
+        assert by_rule[rule][0]["MinMemoryNode"] == "4000M" and by_rule[rule][0]["NumCPUs"] == "2", by_rule[rule][0]
     # and slurmctld's job-completion log has every one of them as completed
     completed = (slurm_cluster["state"] / "jobcomp.log").read_text()
     for job in jobs:

@@ -151,24 +151,22 @@ def test_real_slide_cohort_with_a_broken_slide_recorded(repo, shared_data, tmp_p
     clusters = pd.read_csv(workdir / "results/clusters/tiny/slide_clusters.tsv", sep="\t").set_index("slide_id")
     assert clusters.loc["cmu1", "cluster"] == 0 and clusters["cluster"].isna().sum() == 2  # failed slides: none
 
-    # the same cohort under the default policy fails, naming the slide, and keeps the other slides' outputs
+    # the same cohort under the default policy fails, naming each bad slide; the good slide tiled in the same
+    # (failed) shard job is kept, and the run after the sheet is fixed reuses it instead of tiling it again
     shutil.rmtree(workdir / "results")
-    failed = snakemake(
-        workdir,
-        *targets,
-        "--keep-going",
-        "--configfile",
-        "tiny.yaml",
-        "--config",
-        f"slides={sheet}",
-        f"clinical={clinical}",
-        check=False,
-    )
+    settings = ["--configfile", "tiny.yaml", "--config", f"clinical={clinical}"]
+    failed = snakemake(workdir, *targets, "--keep-going", *settings, f"slides={sheet}", check=False)
     assert failed.returncode != 0
-    log = (workdir / "results/logs/tile/unreadable.log").read_text()
-    assert "slide 'unreadable'" in log and "Bogus marker length" in log
-    assert (workdir / "results/tiles/cmu1.parquet").exists()
+    log = (workdir / "results/logs/tile/shard00000.log").read_text()  # every slide of the cohort in one shard
+    assert "2 of 3 slides of this shard could not be tiled" in log
+    assert "slide 'unreadable'" in log and "Bogus marker length" in log and "slide 'boxes'" in log
     assert not (workdir / "results/tiles/unreadable.parquet").exists()
+    assert (workdir / "results/tiles/.finished/cmu1.parquet").exists()
+    fixed = tmp_path / "fixed.tsv"
+    fixed.write_text("".join(sheet.read_text().splitlines(keepends=True)[:2]))  # the header and cmu1
+    snakemake(workdir, "results/qc/cohort.tsv", *settings, f"slides={fixed}")
+    assert "reusing 1 finished slide(s): cmu1" in (workdir / "results/logs/tile/shard00000.log").read_text()
+    assert pd.read_csv(workdir / "results/qc/cohort.tsv", sep="\t")["slide_id"].tolist() == ["cmu1"]
 
 
 def test_bad_sheet_stops_before_any_job(repo, tmp_path):

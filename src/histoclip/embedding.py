@@ -38,7 +38,6 @@ from histoclip.models import LoadedModel
 
 log = logging.getLogger(__name__)
 
-FINISHED_DIR = ".finished"
 DTYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.float32())}
 
 
@@ -158,11 +157,6 @@ def output_metadata(job: SlideJob, model: LoadedModel, dtype: str) -> dict[str, 
     }
 
 
-def finished_path(out_path: str | Path) -> Path:
-    out = Path(out_path)
-    return out.parent / FINISHED_DIR / out.name
-
-
 def is_reusable(path: str | Path, job: SlideJob, model: LoadedModel, dtype: str) -> bool:
     """Whether ``path`` holds this slide's complete embeddings for this tile file, model and dtype."""
     try:
@@ -178,20 +172,6 @@ def is_reusable(path: str | Path, job: SlideJob, model: LoadedModel, dtype: str)
         and meta.get("dim") == model.dim
         and meta.get("preprocessing") == model.provenance()["preprocessing"]
     )
-
-
-def _link(src: Path, dst: Path) -> None:
-    """Hard-link ``src`` at ``dst`` (atomically replacing it); copy where links are not possible."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.{os.getpid()}.link"
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        import shutil
-
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 class SlideWriter:
@@ -247,7 +227,7 @@ class SlideWriter:
             raise RuntimeError(f"slide {self.job.slide_id!r}: wrote {self.written} of {len(self.job)} tiles")
         os.chmod(self.tmp, 0o644)
         os.replace(self.tmp, self.final)
-        _link(self.final, finished_path(self.final))
+        store.link_atomic(self.final, store.finished_path(self.final))
 
     def abort(self) -> None:
         with contextlib.suppress(Exception):  # already closed or broken: the temp file goes anyway
@@ -314,11 +294,11 @@ def embed_shard(
     report = ShardReport([], [], [], 0, 0.0)
     todo: list[SlideJob] = []
     for job in jobs:
-        kept = finished_path(job.out_path)
+        kept = store.finished_path(job.out_path)
         if is_reusable(job.out_path, job, model, dtype):
             report.reused.append(job.slide_id)
         elif is_reusable(kept, job, model, dtype):
-            _link(kept, Path(job.out_path))
+            store.link_atomic(kept, Path(job.out_path))
             report.reused.append(job.slide_id)
         elif job.status != "ok":
             _write_failed(job, model, dtype, job.error)

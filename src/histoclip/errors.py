@@ -22,6 +22,10 @@ class InputError(ValueError):
             parts.append(f"Fix: {fix}")
         super().__init__(" ".join(parts))
 
+    def __reduce__(self) -> tuple:
+        # picklable (errors raised in worker processes come back to the job's process this way)
+        return (_rebuild, (type(self), self.__dict__, self.args))
+
 
 class SlideError(InputError):
     """A slide that cannot be opened, read or measured (mpp)."""
@@ -41,3 +45,10 @@ class InputErrors(InputError):
     def __init__(self, summary: str, problems: list[InputError], *, where: str | None = None) -> None:
         self.problems = list(problems)
         super().__init__(summary + ":\n  - " + "\n  - ".join(str(p) for p in self.problems), where=where)
+
+
+def _rebuild(cls: type[InputError], state: dict, args: tuple) -> InputError:
+    error = cls.__new__(cls)
+    error.__dict__.update(state)
+    error.args = args
+    return error

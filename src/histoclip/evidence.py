@@ -78,7 +78,7 @@ class TileLayout:
             raise InputError(
                 f"tile file metadata lacks {', '.join(missing)} (status {meta.get('status', '?')!r})",
                 where=where,
-                fix="re-run tiling for this slide (snakemake --forcerun tile) with this version of histoclip",
+                fix="re-run tiling with this version of histoclip (snakemake --forcerun <this tile file>)",
             )
         return cls(str(meta.get("slide_id", "")), *(int(meta[key]) for key in _LAYOUT_KEYS))
 

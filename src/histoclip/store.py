@@ -15,7 +15,7 @@ import json
 import os
 import platform
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -96,9 +96,58 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+#: Folder beside a stage's outputs where finished per-slide files are kept as hard links (see finished_path).
+FINISHED_DIR = ".finished"
+
+
+def finished_path(out_path: str | os.PathLike[str]) -> Path:
+    """Where a finished output is kept beside itself: ``{folder}/.finished/{name}``.
+
+    Snakemake deletes every output of a job before re-running it, so a shard job (many slides, one job) that
+    crashed or failed on one slide would lose all the others; the kept links are what a re-run reuses.
+    """
+    out = Path(out_path)
+    return out.parent / FINISHED_DIR / out.name
+
+
+def link_atomic(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Hard-link ``src`` at ``dst`` (atomically replacing it); copy where links are not possible."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.{os.getpid()}.link"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def concat_tsv_atomic(parts: Sequence[str | os.PathLike[str]], path: str | os.PathLike[str]) -> None:
+    """Write the TSV files ``parts`` (one header each, the same) as one table at ``path``.
+
+    Why as text: a cohort-wide table is assembled from per-shard tables (one per job), so that the rule making
+    it takes a few hundred inputs instead of one per slide; concatenating the text keeps it byte-identical to
+    the table written in one go, whatever the column types of a shard (quoted multi-line fields included).
+    """
+    if not parts:
+        raise ValueError(f"no table to concatenate into {path}")
+    header, bodies = None, []
+    for part in parts:
+        first, _, body = Path(part).read_text(encoding="utf-8").partition("\n")
+        if header is None:
+            header = first
+        elif first != header:
+            raise ValueError(f"{part}: columns {first!r} differ from those of {parts[0]} ({header!r})")
+        bodies.append(body if not body or body.endswith("\n") else body + "\n")
+    write_text_atomic(path, header + "\n" + "".join(bodies))
 
 
 def json_value(value: Any) -> str:
