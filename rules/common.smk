@@ -1,6 +1,6 @@
 # Config validation, the cohort sheet, input functions and wildcard constraints.
-# Kept cheap: every cluster job re-parses this file. The sheet is read (and its files checked for existence)
-# only when a rule needs it, and never are slides opened here.
+# Kept cheap: every cluster job re-parses this file. The sheet is read once per parse (its ids make the shard
+# rules); only the process that plans the run checks that its slide files exist, and no slide is opened here.
 import functools
 import logging
 import re
@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))  # the library beside this Snakefile
+
+from snakemake_interface_executor_plugins.settings import ExecMode
 
 from histoclip.config import validate_config
 from histoclip.sheets import read_clinical_table, read_cohort_sheet
@@ -33,7 +35,9 @@ def cohort():
             "`snakemake --cores 2 demo_cohort` (`make demo` does both steps), or point the workflow at a cohort "
             "with --config slides=PATH clinical=PATH"
         )
-    records = read_cohort_sheet(config["slides"])
+    # Slide files are checked by the Snakemake process that plans the run; each job (which re-parses this file:
+    # 10,000 stat calls on a network file system are seconds) trusts that check.
+    records = read_cohort_sheet(config["slides"], check_files=workflow.exec_mode == ExecMode.DEFAULT)
     if config["clinical"]:
         clinical = read_clinical_table(config["clinical"], [r.patient_id for r in records])
         if clinical.missing_patients:
@@ -364,7 +368,7 @@ def evidence_figures(wildcards=None):
 
 def retrieval_query_slugs():
     """File stems of retrieval.queries' galleries (parse time: config only; a slug collision is an error here)."""
-    from histoclip.retrieval import query_slugs
+    from histoclip.prompts import query_slugs  # not histoclip.retrieval: every job parses this (matplotlib)
 
     return query_slugs(config["retrieval"]["queries"])
 

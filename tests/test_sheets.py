@@ -159,3 +159,15 @@ def test_real_tcga_table_needs_event_column(shared_data):
     with pytest.raises(InputError, match=r"missing required column\(s\) \['patient_id', 'time', 'event'\]") as err:
         read_clinical_table(shared_data / "clinical" / "survpath-tcga_hnsc.csv")
     assert "event = 1 - censorship" in str(err.value)
+
+
+def test_jobs_can_skip_the_slide_file_check_and_nothing_else(slide_files):
+    """What a cluster job does (rules/common.smk): the planning process checked the files; the rows still are."""
+    sheet = write(slide_files / "slides.tsv", [["slide_id", "patient_id", "path"], ["a", "P1", "slides/gone.svs"]])
+    with pytest.raises(InputError, match="does not exist"):
+        read_cohort_sheet(sheet)
+    (record,) = read_cohort_sheet(sheet, check_files=False)
+    assert record.slide_id == "a" and record.path == slide_files / "slides" / "gone.svs"
+    bad = write(slide_files / "bad.tsv", [["slide_id", "patient_id", "path"], ["../a", "P1", "slides/gone.svs"]])
+    with pytest.raises(InputError, match="line 2"):
+        read_cohort_sheet(bad, check_files=False)

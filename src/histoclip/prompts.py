@@ -51,6 +51,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -465,3 +466,31 @@ def to_conch_json(prompt_set: PromptSet) -> dict[str, Any]:
             "templates": list(distinct.pop()),
         }
     }
+
+
+def query_slug(query: str) -> str:
+    """A file-name stem for a query: lower case, runs of other characters as '-' ("Tumour necrosis" →
+    "tumour-necrosis")."""
+    slug = re.sub(r"[^a-z0-9]+", "-", query.lower()).strip("-")
+    if not slug:
+        raise InputError(
+            f"query {query!r} has no letters or digits to name its gallery file by",
+            where="config retrieval.queries",
+            fix="write the query in words",
+        )
+    return slug
+
+
+def query_slugs(queries: Sequence[str]) -> list[str]:
+    """Slugs of all queries; two queries with the same slug would overwrite each other's gallery: an error."""
+    slugs = [query_slug(q) for q in queries]
+    seen: dict[str, str] = {}
+    for query, slug in zip(queries, slugs, strict=True):
+        if slug in seen:
+            raise InputError(
+                f"queries {seen[slug]!r} and {query!r} both name the gallery file {slug!r}",
+                where="config retrieval.queries",
+                fix="remove the duplicate or reword one of them",
+            )
+        seen[slug] = query
+    return slugs

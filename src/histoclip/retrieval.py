@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from histoclip.aggregation import read_slide_embeddings, slide_embedding
 from histoclip.errors import InputError
 from histoclip.evidence import TileLayout, read_tiles
 from histoclip.plots import FigureStyle, new_figure, save_figure, write_tsv
+from histoclip.prompts import query_slug, query_slugs
 from histoclip.store import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -48,34 +48,6 @@ __all__ = [
 
 TILE_COLUMNS = ["query", "rank", "slide_id", "x", "y", "score"]
 NEIGHBOUR_COLUMNS = ["slide_id", "rank", "neighbour_id", "cosine"]
-
-
-def query_slug(query: str) -> str:
-    """A file-name stem for a query: lower case, runs of other characters as '-' ("Tumour necrosis" →
-    "tumour-necrosis")."""
-    slug = re.sub(r"[^a-z0-9]+", "-", query.lower()).strip("-")
-    if not slug:
-        raise InputError(
-            f"query {query!r} has no letters or digits to name its gallery file by",
-            where="config retrieval.queries",
-            fix="write the query in words",
-        )
-    return slug
-
-
-def query_slugs(queries: Sequence[str]) -> list[str]:
-    """Slugs of all queries; two queries with the same slug would overwrite each other's gallery: an error."""
-    slugs = [query_slug(q) for q in queries]
-    seen: dict[str, str] = {}
-    for query, slug in zip(queries, slugs, strict=True):
-        if slug in seen:
-            raise InputError(
-                f"queries {seen[slug]!r} and {query!r} both name the gallery file {slug!r}",
-                where="config retrieval.queries",
-                fix="remove the duplicate or reword one of them",
-            )
-        seen[slug] = query
-    return slugs
 
 
 class RunningTopN:
