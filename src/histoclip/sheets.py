@@ -86,9 +86,7 @@ def _parse_positive_float(value: str, *, where: str, what: str) -> float:
     return number
 
 
-def check_cohort_sheet(
-    path: str | Path, *, check_files: bool = True
-) -> tuple[list[SlideRecord], list[InputError]]:
+def check_cohort_sheet(path: str | Path, *, check_files: bool = True) -> tuple[list[SlideRecord], list[InputError]]:
     """The sheet's valid rows and a list of problems with the others, one :class:`InputError` per problem.
 
     Problems with the table as a whole (missing file, columns, no rows) raise at once. The preflight
