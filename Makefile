@@ -38,6 +38,8 @@ bench: install
 	$(BIN)/python benchmarks/bench_tiling.py
 	$(BIN)/python benchmarks/bench_embedding.py
 	$(BIN)/python benchmarks/bench_cohort_embedding.py
+	$(BIN)/python benchmarks/bench_dag.py
+	$(BIN)/python benchmarks/bench_preflight.py
 
 clean:
 	rm -rf results/* .snakemake

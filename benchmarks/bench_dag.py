@@ -3,7 +3,7 @@
 Builds cohort sheets of 1,000 and 10,000 slides (every slide a symbolic link to one small file: planning
 only checks that files exist, nothing opens a slide) in a copy of the workflow, and times
 `snakemake -n` for the default target with the default config, as a user types it, plus
-`snakemake -n --workflow-profile config/profiles/slurm` (tile jobs grouped as on a cluster). Every cluster
+`snakemake -n --workflow-profile config/profiles/slurm` (as on a cluster). Every cluster
 job re-parses the Snakefile, so parse time is reported too (`snakemake -n` of one tile file), and so is a
 workflow of as many one-line jobs, timed in the same run: Snakemake's own floor on this machine at this
 moment (a shared machine's load shows in both).
