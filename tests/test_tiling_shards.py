@@ -132,3 +132,10 @@ def test_cohort_table_from_shard_tables_equals_the_table_written_at_once(tmp_pat
     (tmp_path / "other.tsv").write_text("slide_id\tsomething_else\nx\t1\n")
     with pytest.raises(ValueError, match="differ"):
         concat_tsv_atomic([tmp_path / "a.tsv", tmp_path / "other.tsv"], tmp_path / "bad.tsv")
+
+
+def test_a_missing_slide_file_is_that_slides_error(tmp_path, slides):
+    jobs = shard(tmp_path, {"s0": slides["s0"], "gone": tmp_path / "gone.tiff"})
+    with pytest.raises(SlideError, match="slide 'gone'"):
+        tile_shard(jobs)
+    assert finished_path(jobs[0].tiles_out).exists()

@@ -55,11 +55,15 @@ class TilingShardReport:
     n_tiles: int = 0
 
 
-def reuse_key(slide: SlideToTile) -> str:
-    """sha256 of what a kept slide must still match to be reused (see the module docstring)."""
+def reuse_key(slide: SlideToTile) -> str | None:
+    """sha256 of what a kept slide must still match to be reused (see the module docstring); None when the
+    slide file can't be read (tiling it then fails with the slide's own error)."""
     import histoclip
 
-    stat = os.stat(slide.path)
+    try:
+        stat = os.stat(slide.path)
+    except OSError:
+        return None
     what = {
         "slide_id": slide.slide_id,
         "path": str(Path(slide.path).resolve()),
@@ -75,18 +79,22 @@ def _key_path(slide: SlideToTile) -> Path:
     return store.finished_path(slide.tiles_out).with_suffix(".key")
 
 
-def keep_finished(slide: SlideToTile, key: str) -> None:
+def keep_finished(slide: SlideToTile, key: str | None) -> None:
     """Keep a finished slide's outputs under ``.finished/``; the key is written last, so a crash half-way leaves
     no key and the slide is simply tiled again."""
     key_path = _key_path(slide)
     key_path.unlink(missing_ok=True)
+    if key is None:
+        return
     store.link_atomic(slide.tiles_out, store.finished_path(slide.tiles_out))
     store.link_atomic(slide.qc_out, store.finished_path(slide.qc_out))
     store.write_text_atomic(key_path, key + "\n")
 
 
-def restore_finished(slide: SlideToTile, key: str) -> bool:
+def restore_finished(slide: SlideToTile, key: str | None) -> bool:
     """Put a kept slide's outputs back at their paths if its key still matches; whether it did."""
+    if key is None:
+        return False
     kept_tiles, kept_qc = store.finished_path(slide.tiles_out), store.finished_path(slide.qc_out)
     key_path = _key_path(slide)
     try:
@@ -112,7 +120,7 @@ def tile_shard(slides: Sequence[SlideToTile], threads: int = 1) -> TilingShardRe
     :class:`~histoclip.errors.InputErrors` naming each slide).
     """
     report = TilingShardReport()
-    todo: list[tuple[SlideToTile, str]] = []
+    todo: list[tuple[SlideToTile, str | None]] = []
     for slide in slides:
         key = reuse_key(slide)
         if restore_finished(slide, key):
@@ -122,7 +130,7 @@ def tile_shard(slides: Sequence[SlideToTile], threads: int = 1) -> TilingShardRe
     if report.reused:
         log.info("reusing %d finished slide(s): %s", len(report.reused), ", ".join(report.reused))
 
-    def finished(slide: SlideToTile, key: str, meta: dict[str, Any] | None, error: Exception | None) -> None:
+    def finished(slide: SlideToTile, key: str | None, meta: dict[str, Any] | None, error: Exception | None) -> None:
         if error is not None:
             log.error("slide %s could not be tiled: %s", slide.slide_id, error)
             report.errors[slide.slide_id] = error
