@@ -55,18 +55,10 @@ def slide_ids():
     return list(cohort())
 
 
-def slide_record(wildcards):
-    try:
-        return cohort()[wildcards.slide]
-    except KeyError:
-        raise ValueError(
-            f"slide {wildcards.slide!r} is not in the cohort sheet {config['slides']}: "
-            "add it to the sheet or ask for a slide that is there"
-        ) from None
-
-
-def slide_path(wildcards):
-    return str(slide_record(wildcards).path)
+def slide_files(slides):
+    """The slide files of ``slides`` (ids), as the sheet gives them (made absolute)."""
+    records = cohort()
+    return [str(records[slide].path) for slide in slides]
 
 
 def tiling_settings():
@@ -89,10 +81,6 @@ def slide_tiling_settings(slide_ids):
 
 def tile_files(wildcards=None):
     return expand("results/tiles/{slide}.parquet", slide=slide_ids())
-
-
-def qc_thumbnails(wildcards=None):
-    return expand("results/qc/{slide}.png", slide=slide_ids())
 
 
 def all_outputs(wildcards):

@@ -34,7 +34,7 @@ for _model, _promptset, _shard, _slides in evidence_shard_rules():
             # without resolving 30,000 more files (the tiling shard writes tile file and thumbnail together).
             tiles=[f"results/tiles/{slide}.parquet" for slide in _slides],
             thumbnails=[f"results/qc/{slide}.png" for slide in _slides],
-            slide_files=[str(cohort()[slide].path) for slide in _slides],
+            slide_files=slide_files(_slides),
             style=figure_style,
             options=config["figures"]["evidence"],
             zeroshot={"pooling": config["zeroshot"]["pooling"], "top_k": config["zeroshot"]["top_k"]},

@@ -11,7 +11,7 @@ for _shard, _slides in tiling_shards().items():
         name:
             rule_name("tile", _shard)
         input:
-            slides=[str(cohort()[slide].path) for slide in _slides],
+            slides=slide_files(_slides),
         output:
             # the shard's rows of results/qc/cohort.tsv: what the cohort-wide rules take as input for its tiles
             # (first: Snakemake looks through a rule's outputs in order when it asks which rule makes a file)

@@ -35,6 +35,7 @@ import torch
 from histoclip import store
 from histoclip.errors import SlideError
 from histoclip.models import LoadedModel
+from histoclip.slide import undecodable_tile_error
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +126,7 @@ class TileBatches(torch.utils.data.Dataset):
             try:
                 rgba = np.asarray(slide.read_region((x, y), job.read_level, (size, size)))
             except openslide.OpenSlideError as exc:
-                raise SlideError(
-                    job.slide_id,
-                    f"tile at level-0 x={x}, y={y} (level {job.read_level}) cannot be decoded: {exc}",
-                    fix="the slide file is corrupt; re-export or re-scan it, or remove it from the sheet",
-                ) from exc
+                raise undecodable_tile_error(job.slide_id, x, y, job.read_level, exc) from exc
             out[row] = rgba[..., :3]
             alpha = rgba[..., 3]
             if alpha.min() == 0:  # unscanned area: white, as on glass, not black

@@ -29,7 +29,7 @@ from PIL import Image
 
 from histoclip import slide as wsi
 from histoclip import store
-from histoclip.errors import InputError, SlideError
+from histoclip.errors import InputError
 from histoclip.plots import FigureStyle, new_figure, save_figure
 
 __all__ = [
@@ -201,11 +201,7 @@ def read_tiles(
         try:
             rgb = wsi.read_rgb(slide, (int(tx), int(ty)), layout.read_level, (layout.read_tile_px,) * 2)
         except openslide.OpenSlideError as exc:
-            raise SlideError(
-                layout.slide_id,
-                f"tile at level-0 x={tx}, y={ty} (level {layout.read_level}) cannot be decoded: {exc}",
-                fix="the slide file is corrupt; re-export or re-scan it, or remove it from the sheet",
-            ) from exc
+            raise wsi.undecodable_tile_error(layout.slide_id, tx, ty, layout.read_level, exc) from exc
         out[i] = wsi.resize_rgb(np.ascontiguousarray(rgb[:exact, :exact]), (layout.tile_px, layout.tile_px))
     return out
 

@@ -287,6 +287,18 @@ def read_level_rgb(slide: openslide.OpenSlide, level: int, slide_id: str, path: 
         ) from exc
 
 
+def undecodable_tile_error(
+    slide_id: str,
+    x: int,
+    y: int,
+    level: int,
+    exc: Exception,
+    fix: str = "the slide file is corrupt; re-export or re-scan it, or remove it from the sheet",
+) -> SlideError:
+    """The error for one tile OpenSlide could not decode, as every stage that reads tiles reports it."""
+    return SlideError(slide_id, f"tile at level-0 x={x}, y={y} (level {level}) cannot be decoded: {exc}", fix=fix)
+
+
 def resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Area-average resize to ``size`` = (width, height)."""
     if (rgb.shape[1], rgb.shape[0]) == size:

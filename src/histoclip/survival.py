@@ -686,6 +686,13 @@ class Design:
         return [c for t in terms for c in self.terms[str(t)].columns]
 
 
+def _fraction_column(fractions: pd.DataFrame, term: Term, key: str, missing: str, *, where: str, fix: str) -> pd.Series:
+    """The fraction column a term names, or an error saying which columns there are."""
+    if term.name not in fractions.columns:
+        raise InputError(f"model term {key}: {missing}", where=where, fix=fix)
+    return fractions[term.name]
+
+
 def _need(part: Any, term: Term, features: SlideFeatures) -> Any:
     if part is None:
         raise InputError(
@@ -771,23 +778,19 @@ def build_design(
                 design_terms[key] = DesignTerm(term, [key], f"zero-shot call {' or '.join(others)}")
         elif term.kind == "class_fraction":
             fractions = _need(features.class_fractions, term, features)
-            if term.name not in fractions.columns:
-                raise InputError(
-                    f"model term {key}: no tissue class {term.name!r} (classes: {', '.join(fractions.columns)})",
-                    where=features.sources.get("class_fractions", "class composition"),
-                    fix="use one of the named tissue classes",
-                )
-            columns[key] = fractions[term.name].reindex(patients)
+            columns[key] = _fraction_column(
+                fractions, term, key, f"no tissue class {term.name!r} (classes: {', '.join(fractions.columns)})",
+                where=features.sources.get("class_fractions", "class composition"),
+                fix="use one of the named tissue classes",
+            ).reindex(patients)  # fmt: skip
             design_terms[key] = DesignTerm(term, [key], "per unit fraction of tissue (0 to 1)")
         elif term.kind == "phenotype":
             fractions = _need(features.phenotypes, term, features)
-            if term.name not in fractions.columns:
-                raise InputError(
-                    f"model term {key}: no phenotype column {term.name!r} ({', '.join(fractions.columns)})",
-                    where=features.sources.get("phenotypes", "phenotype composition"),
-                    fix="use one of the phenotype columns",
-                )
-            columns[key] = fractions[term.name].reindex(patients)
+            columns[key] = _fraction_column(
+                fractions, term, key, f"no phenotype column {term.name!r} ({', '.join(fractions.columns)})",
+                where=features.sources.get("phenotypes", "phenotype composition"),
+                fix="use one of the phenotype columns",
+            ).reindex(patients)  # fmt: skip
             design_terms[key] = DesignTerm(term, [key], "per unit fraction of tiles (0 to 1)")
         elif term.kind == "phenotypes":
             frame, reference = _phenotype_covariates(_need(features.phenotypes, term, features), patients, settings)

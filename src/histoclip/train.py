@@ -68,9 +68,10 @@ import torch
 import torch.nn.functional as F
 
 from histoclip import store
-from histoclip.errors import InputError, SlideError
+from histoclip.errors import InputError
 from histoclip.models import LoadedModel, ModelSpec, hub_offline, load_model, resolve_device
 from histoclip.sheets import read_cohort_sheet, read_table
+from histoclip.slide import undecodable_tile_error
 from histoclip.synth import (
     CAPTION_MIN_PURITY,
     CAPTION_TEMPLATES,
@@ -547,9 +548,12 @@ class PairImages(torch.utils.data.Dataset):
         try:
             rgba = np.asarray(slide.read_region((int(x), int(y)), int(level), (int(px), int(px))))
         except openslide.OpenSlideError as exc:
-            raise SlideError(
+            raise undecodable_tile_error(
                 slide_id,
-                f"tile at level-0 x={x}, y={y} (level {level}) cannot be decoded: {exc}",
+                x,
+                y,
+                level,
+                exc,
                 fix="the slide file is corrupt; re-export or re-scan it, or remove its pairs",
             ) from exc
         rgb = rgba[..., :3].copy()
