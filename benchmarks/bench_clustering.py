@@ -115,9 +115,9 @@ def main() -> None:
     parser.add_argument("--keep-outputs", action="store_true", help="keep the stage outputs (else deleted)")
     args = parser.parse_args()
 
-    from histoclip.clustering import ClusteringSettings, SlideFeatures, cluster_slides
+    from histoclip.cohort.clustering import ClusteringSettings, SlideFeatures, cluster_slides
+    from histoclip.cohort.phenotypes import PhenotypeSettings, phenotype_columns, run_phenotypes
     from histoclip.config import validate_config
-    from histoclip.phenotypes import PhenotypeSettings, phenotype_columns, run_phenotypes
 
     plain = not args.dictionary_embeddings
     cohort = args.data / ("embeddings-plain" if plain else "embeddings")

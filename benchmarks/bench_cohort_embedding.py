@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from histoclip.embedding import SlideJob, TileBatches, embed_shard, resolve_batch_size, resolve_workers
-from histoclip.models import ModelSpec, load_model
-from histoclip.synth import make_demo_cohort
-from histoclip.tiling import run_tiling
+from histoclip.demo.synth import make_demo_cohort
+from histoclip.embedding.embed import SlideJob, TileBatches, embed_shard, resolve_batch_size, resolve_workers
+from histoclip.embedding.models import ModelSpec, load_model
+from histoclip.tiling.grid import run_tiling
 
 REPO = Path(__file__).resolve().parents[1]
 

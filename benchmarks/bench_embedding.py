@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from histoclip.embedding import SlideJob, TileBatches, embed_shard, resolve_batch_size, resolve_workers
-from histoclip.models import ModelSpec, load_model
-from histoclip.synth import write_large_slide
-from histoclip.tiling import TilingParams, run_tiling
+from histoclip.demo.synth import write_large_slide
+from histoclip.embedding.embed import SlideJob, TileBatches, embed_shard, resolve_batch_size, resolve_workers
+from histoclip.embedding.models import ModelSpec, load_model
+from histoclip.tiling.grid import TilingParams, run_tiling
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,8 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from histoclip.synth import write_large_slide
-from histoclip.tiling import TilingParams, tile_slide
+from histoclip.demo.synth import write_large_slide
+from histoclip.tiling.grid import TilingParams, tile_slide
 
 
 def main() -> None:

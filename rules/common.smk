@@ -263,7 +263,7 @@ def zeroshot_figures(wildcards=None):
 
 
 def zeroshot_call_settings():
-    """The zeroshot keys of a slide call (histoclip.slide_calls.CallSettings) and the seed; the prompt-sensitivity
+    """The zeroshot keys of a slide call (histoclip.zeroshot.calls.CallSettings) and the seed; the prompt-sensitivity
     keys are only params of the rules that use them, so changing them re-runs nothing else."""
     skip = {"prompt_sets", "n_subsets", "template_fraction", "synonym_fraction"}
     return {k: v for k, v in config["zeroshot"].items() if k not in skip} | {"seed": config["seed"]}
@@ -356,7 +356,7 @@ def evidence_figures(wildcards=None):
 
 def retrieval_query_slugs():
     """File stems of retrieval.queries' galleries (parse time: config only; a slug collision is an error here)."""
-    from histoclip.prompts import query_slugs  # not histoclip.retrieval: every job parses this (matplotlib)
+    from histoclip.zeroshot.prompts import query_slugs  # not histoclip.zeroshot.retrieval: every job parses this (matplotlib)
 
     return query_slugs(config["retrieval"]["queries"])
 
@@ -401,7 +401,7 @@ def demo_class_maps(wildcards=None):
 def survival_plan():
     """The `survival` section parsed and checked once at parse time (terms, endpoint coding); cheap: lifelines is
     only imported by the rule itself."""
-    from histoclip.survival import SurvivalPlan
+    from histoclip.survival.model import SurvivalPlan
 
     return SurvivalPlan.from_config(
         config["survival"], seed=config["seed"], abstain_margin=config["zeroshot"]["abstain_margin"]
@@ -414,7 +414,7 @@ def survival_prompt_set():
 
 def survival_inputs(wildcards):
     """Clinical table, sheet, and only the slide-level tables the configured terms and groupings read."""
-    from histoclip.survival import required_sources
+    from histoclip.survival.model import required_sources
 
     if not config["clinical"]:
         raise ValueError("survival needs a clinical table: set `clinical` in the config (or --config clinical=PATH)")
@@ -430,7 +430,7 @@ def survival_inputs(wildcards):
 
 def survival_grouping_names():
     """Kaplan–Meier groupings as they appear in file names (clinical:sex → clinical_sex)."""
-    from histoclip.survival import grouping_file_name
+    from histoclip.survival.model import grouping_file_name
 
     return [grouping_file_name(g) for g in survival_plan().groupings]
 

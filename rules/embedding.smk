@@ -39,7 +39,7 @@ for _model, _shard, _slides in embedding_shard_rules():
 
 
 rule embedding_manifest:
-    """One file that stands for a model's embedding files (see histoclip.aggregation.write_embedding_manifest):
+    """One file that stands for a model's embedding files (see histoclip.cohort.aggregation.write_embedding_manifest):
     the shards' manifests, in sheet order."""
     input:
         shards=embedding_shard_manifests,

@@ -1,6 +1,6 @@
 # Slide tiling: mpp policy, tissue detection on a low-resolution level, tile grid, QC thumbnail.
 # One job per shard of `tiling.shard_size` slides (tiled `tiling.threads` at a time), each slide still written
-# to its own tile file and thumbnail (histoclip.tiling_shards says why, and how a re-run resumes). As for the
+# to its own tile file and thumbnail (histoclip.tiling.shards says why, and how a re-run resumes). As for the
 # embedding shards, the rules are made from the sheet at parse time (ids only, no slide opened) with
 # constant output paths.
 

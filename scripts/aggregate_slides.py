@@ -2,10 +2,10 @@
 
 import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
 
-from histoclip.aggregation import aggregate_slides, embedding_paths
+from histoclip.cohort.aggregation import aggregate_slides, embedding_paths
 from histoclip.logs import rule_log
 
-with rule_log(snakemake.log[0], "histoclip.aggregation") as log:
+with rule_log(snakemake.log[0], "histoclip.cohort.aggregation") as log:
     slides = list(snakemake.params.slides)
     settings = snakemake.params.settings
     score_files = None

@@ -2,8 +2,8 @@
 
 import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
 
-from histoclip.aggregation import embedding_paths
-from histoclip.clustering import (
+from histoclip.cohort.aggregation import embedding_paths
+from histoclip.cohort.clustering import (
     ClusteringSettings,
     cluster_slides,
     composition_features,
@@ -14,7 +14,7 @@ from histoclip.clustering import (
 from histoclip.logs import rule_log
 from histoclip.sheets import read_cohort_sheet
 
-with rule_log(snakemake.log[0], "histoclip.clustering") as log:
+with rule_log(snakemake.log[0], "histoclip.cohort.clustering") as log:
     settings = dict(snakemake.params.settings)
     settings = ClusteringSettings.from_config(settings, settings.pop("seed"))
     if hasattr(snakemake.input, "composition"):

@@ -3,10 +3,10 @@ and the shard's lines of the embedding manifest → results/embeddings/{model}/s
 
 import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
 
-from histoclip.aggregation import write_embedding_manifest
-from histoclip.embedding import SlideJob, embed_shard
+from histoclip.cohort.aggregation import write_embedding_manifest
+from histoclip.embedding.embed import SlideJob, embed_shard
+from histoclip.embedding.models import ModelSpec, load_model
 from histoclip.logs import rule_log
-from histoclip.models import ModelSpec, load_model
 
 with rule_log(snakemake.log[0], "histoclip.embed") as log:
     settings = snakemake.params.embedding

@@ -2,10 +2,10 @@
 
 import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
 
+from histoclip.embedding.models import ModelSpec, load_model
 from histoclip.logs import rule_log
-from histoclip.models import ModelSpec, load_model
-from histoclip.prompts import load_prompt_set
-from histoclip.slide_calls import write_text_classifier
+from histoclip.zeroshot.calls import write_text_classifier
+from histoclip.zeroshot.prompts import load_prompt_set
 
 with rule_log(snakemake.log[0], "histoclip.encode_prompts") as log:
     prompt_set = load_prompt_set(snakemake.input.prompts)

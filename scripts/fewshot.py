@@ -2,11 +2,11 @@
 
 import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
 
-from histoclip.fewshot import FewShotSettings, plot_fewshot, run_fewshot
 from histoclip.logs import rule_log
 from histoclip.plots import FigureStyle, write_tsv
+from histoclip.zeroshot.fewshot import FewShotSettings, plot_fewshot, run_fewshot
 
-with rule_log(snakemake.log[0], "histoclip.fewshot") as log:
+with rule_log(snakemake.log[0], "histoclip.zeroshot.fewshot") as log:
     config = dict(snakemake.params.settings)
     column = config.pop("embedding_column")
     settings = FewShotSettings(**config)

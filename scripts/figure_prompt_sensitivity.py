@@ -4,7 +4,7 @@ import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path
 
 from histoclip.logs import rule_log
 from histoclip.plots import FigureStyle
-from histoclip.sensitivity import plot_prompt_sensitivity, read_prompt_sensitivity
+from histoclip.zeroshot.sensitivity import plot_prompt_sensitivity, read_prompt_sensitivity
 
 with rule_log(snakemake.log[0], "histoclip.figures") as log:
     style = FigureStyle.from_config(snakemake.params.style)

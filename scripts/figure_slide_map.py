@@ -6,7 +6,7 @@ from pathlib import Path
 import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
 import pandas as pd
 
-from histoclip.clustering import slide_map_figure
+from histoclip.cohort.clustering import slide_map_figure
 from histoclip.logs import rule_log
 from histoclip.plots import FigureStyle, save_figure
 from histoclip.sheets import read_cohort_sheet

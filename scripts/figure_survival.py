@@ -5,7 +5,7 @@ import pandas as pd
 
 from histoclip.logs import rule_log
 from histoclip.plots import FigureStyle, class_colours, save_figure
-from histoclip.survival_plots import forest_figure, km_figure
+from histoclip.survival.plots import forest_figure, km_figure
 
 
 def read(path):

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
 
+from histoclip.demo.synth import make_demo_cohort
 from histoclip.logs import rule_log
-from histoclip.synth import make_demo_cohort
 
 with rule_log(snakemake.log[0], "histoclip.demo") as log:
     demo = dict(snakemake.params.demo)

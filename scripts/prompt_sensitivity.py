@@ -2,19 +2,19 @@
 
 import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
 
-from histoclip.aggregation import embedding_paths
+from histoclip.cohort.aggregation import embedding_paths
+from histoclip.embedding.models import ModelSpec, load_model
 from histoclip.logs import rule_log
-from histoclip.models import ModelSpec, load_model
-from histoclip.prompts import load_prompt_set
-from histoclip.sensitivity import (
+from histoclip.zeroshot.calls import read_text_classifier
+from histoclip.zeroshot.prompts import load_prompt_set
+from histoclip.zeroshot.sensitivity import (
     PromptCache,
     SensitivitySettings,
     cohort_prompt_sensitivity,
     write_prompt_sensitivity,
 )
-from histoclip.slide_calls import read_text_classifier
 
-with rule_log(snakemake.log[0], "histoclip.sensitivity") as log:
+with rule_log(snakemake.log[0], "histoclip.zeroshot.sensitivity") as log:
     prompt_set = load_prompt_set(snakemake.input.prompts)
     spec = ModelSpec.from_config(snakemake.wildcards.model, snakemake.params.model, snakemake.params.search_dirs)
     model = load_model(spec, snakemake.params.device)

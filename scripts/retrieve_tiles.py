@@ -5,16 +5,16 @@ from pathlib import Path
 import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
 import numpy as np
 
-from histoclip.aggregation import embedding_paths
+from histoclip.cohort.aggregation import embedding_paths
+from histoclip.demo.synth import tile_classes
+from histoclip.embedding.models import ModelSpec, load_model
 from histoclip.logs import rule_log
-from histoclip.models import ModelSpec, load_model
 from histoclip.plots import FigureStyle, write_tsv
-from histoclip.retrieval import query_gallery, text_to_tiles
 from histoclip.sheets import read_cohort_sheet
 from histoclip.store import read_metadata
-from histoclip.synth import tile_classes
+from histoclip.zeroshot.retrieval import query_gallery, text_to_tiles
 
-with rule_log(snakemake.log[0], "histoclip.retrieval") as log:
+with rule_log(snakemake.log[0], "histoclip.zeroshot.retrieval") as log:
     params = snakemake.params
     records = {r.slide_id: r for r in read_cohort_sheet(params.sheet)}
     slides = list(params.slides)

@@ -3,10 +3,10 @@
 import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
 
 from histoclip.logs import rule_log
-from histoclip.retrieval import SlideVectors, precision_at_k, slide_neighbours, write_neighbour_outputs
 from histoclip.sheets import read_cohort_sheet
+from histoclip.zeroshot.retrieval import SlideVectors, precision_at_k, slide_neighbours, write_neighbour_outputs
 
-with rule_log(snakemake.log[0], "histoclip.retrieval") as log:
+with rule_log(snakemake.log[0], "histoclip.zeroshot.retrieval") as log:
     settings = snakemake.params.settings
     records = {r.slide_id: r for r in read_cohort_sheet(snakemake.params.sheet)}
     # Slide embeddings of the aggregation step (mean of each slide's tile embeddings, renormalised).

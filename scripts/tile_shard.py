@@ -4,8 +4,8 @@ shard's rows of the cohort table → results/qc/shards/{shard}.tsv."""
 import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
 
 from histoclip.logs import rule_log
-from histoclip.qc import write_cohort_table
-from histoclip.tiling_shards import SlideToTile, tile_shard
+from histoclip.tiling.qc import write_cohort_table
+from histoclip.tiling.shards import SlideToTile, tile_shard
 
 with rule_log(snakemake.log[0], "histoclip.tile") as log:
     slides = [

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
 
+from histoclip.embedding.models import ModelSpec
 from histoclip.logs import rule_log
-from histoclip.models import ModelSpec
-from histoclip.train import TrainSettings, read_pairs, train_clip
+from histoclip.training.train import TrainSettings, read_pairs, train_clip
 
 with rule_log(snakemake.log[0], "histoclip.train_clip") as log:
     entry = dict(snakemake.params.training)

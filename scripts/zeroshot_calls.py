@@ -2,12 +2,12 @@
 
 import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
 
-from histoclip.aggregation import embedding_paths
+from histoclip.cohort.aggregation import embedding_paths
 from histoclip.logs import rule_log
 from histoclip.sheets import read_cohort_sheet
-from histoclip.slide_calls import CallSettings, call_cohort, read_text_classifier
+from histoclip.zeroshot.calls import CallSettings, call_cohort, read_text_classifier
 
-with rule_log(snakemake.log[0], "histoclip.zeroshot") as log:
+with rule_log(snakemake.log[0], "histoclip.zeroshot.classifier") as log:
     records = {r.slide_id: r for r in read_cohort_sheet(snakemake.params.sheet)}
     calls = call_cohort(
         [records[slide] for slide in snakemake.params.slides],

@@ -5,12 +5,12 @@ from dataclasses import replace
 import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
 import pandas as pd
 
-from histoclip.evidence import EvidenceOptions, slide_evidence
 from histoclip.logs import rule_log
 from histoclip.plots import FigureStyle, write_tsv
 from histoclip.store import read_metadata
+from histoclip.zeroshot.evidence import EvidenceOptions, slide_evidence
 
-with rule_log(snakemake.log[0], "histoclip.evidence") as log:
+with rule_log(snakemake.log[0], "histoclip.zeroshot.evidence") as log:
     calls = pd.read_csv(snakemake.input.calls, sep="\t", dtype={"slide_id": str, "call": str, "label": str})
     calls = calls.set_index("slide_id", drop=False)
     options = EvidenceOptions(**snakemake.params.options)

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from histoclip import store
-from histoclip.aggregation import (
+from histoclip.cohort.aggregation import (
     aggregate_slides,
     class_topk_embeddings,
     patient_embeddings,
@@ -87,7 +87,7 @@ def test_aggregate_slides_table_values_provenance_and_empty_slide(tmp_path, capl
         write_embeddings(tmp_path / "c.parquet", [], status="error"),
     ]
     out = tmp_path / "slides" / "m.parquet"
-    with caplog.at_level(logging.WARNING, logger="histoclip.aggregation"):
+    with caplog.at_level(logging.WARNING, logger="histoclip.cohort.aggregation"):
         aggregate_slides(["a", "b", "c"], ["P1", "P1", "P2"], files, out)
     assert "c (error)" in caplog.text
     table = pq.read_table(out)
@@ -172,7 +172,7 @@ def test_patient_embedding_is_tile_weighted_and_skips_empty_slides():
 
 
 def test_embedding_manifest_lists_the_files_in_sheet_order_and_refuses_a_stale_one(tmp_path):
-    from histoclip.aggregation import embedding_paths, write_embedding_manifest
+    from histoclip.cohort.aggregation import embedding_paths, write_embedding_manifest
     from histoclip.errors import InputError
 
     files = [f"results/embeddings/m/{s}.parquet" for s in ("b", "a", "c")]

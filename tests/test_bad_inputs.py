@@ -53,7 +53,7 @@ from histoclip import cli
 from histoclip.errors import InputError, SlideError
 from histoclip.sheets import read_clinical_table, read_cohort_sheet
 from histoclip.store import read_metadata
-from histoclip.tiling import run_tiling
+from histoclip.tiling.grid import run_tiling
 
 
 def shared() -> Path:
@@ -78,7 +78,7 @@ def tiny_weights(tmp_path_factory) -> Path:
     """A safetensors checkpoint that fits config/models/tiny-vit.json (from its seeded random init)."""
     from safetensors.torch import save_file
 
-    from histoclip.models import ModelSpec, load_model
+    from histoclip.embedding.models import ModelSpec, load_model
 
     model = load_model(ModelSpec("tiny", str(TINY_VIT), seed=0), "cpu").model
     path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"

@@ -13,7 +13,7 @@ from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score, silhouette_score
 
 from histoclip import store
-from histoclip.clustering import (
+from histoclip.cohort.clustering import (
     ClusteringSettings,
     SlideFeatures,
     bootstrap_stability,

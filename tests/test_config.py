@@ -83,7 +83,7 @@ def test_tissue_schema_defaults_are_the_library_defaults():
     """One concept, one name: config keys under `tissue` are TissueParams fields with the same defaults."""
     from dataclasses import asdict
 
-    from histoclip.tissue import TissueParams
+    from histoclip.tiling.tissue import TissueParams
 
     tissue = validate_config({})["tissue"]
     assert tissue.pop("mpp") == 8.0
@@ -93,7 +93,7 @@ def test_tissue_schema_defaults_are_the_library_defaults():
 def test_tiling_schema_defaults_are_the_library_defaults():
     from dataclasses import asdict
 
-    from histoclip.tiling import TilingParams
+    from histoclip.tiling.grid import TilingParams
 
     tiling = validate_config({})["tiling"]
     jobs = {key: tiling.pop(key) for key in ("shard_size", "threads")}  # how jobs are cut, not the grid

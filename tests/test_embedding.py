@@ -17,12 +17,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from histoclip.embedding import SlideJob, embed_shard
+from histoclip.demo.synth import write_pyramid_tiff
+from histoclip.embedding.embed import SlideJob, embed_shard
+from histoclip.embedding.models import ModelSpec, load_model, resolve_device
 from histoclip.errors import InputError, SlideError
-from histoclip.models import ModelSpec, load_model, resolve_device
 from histoclip.store import finished_path, read_metadata, sha256_file
-from histoclip.synth import write_pyramid_tiff
-from histoclip.tiling import TilingParams, run_tiling
+from histoclip.tiling.grid import TilingParams, run_tiling
 
 TINY = {
     "embed_dim": 32,
@@ -252,8 +252,8 @@ def test_killed_shard_recomputes_only_unfinished_slides(tiny_config, tmp_path):
     script = textwrap.dedent(
         f"""
         from pathlib import Path
-        from histoclip.embedding import SlideJob, embed_shard
-        from histoclip.models import ModelSpec, load_model
+        from histoclip.embedding.embed import SlideJob, embed_shard
+        from histoclip.embedding.models import ModelSpec, load_model
         model = load_model(ModelSpec("tiny", {str(tiny_config)!r}, seed=1), "cpu")
         tiles = [Path(p) for p in {[str(small), *map(str, big)]!r}]
         embed_shard([SlideJob.from_tile_file(t, Path({str(out)!r}) / t.name) for t in tiles], model,

@@ -14,8 +14,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from histoclip.evaluation import evaluate, prompt_sensitivity
-from histoclip.prompts import load_prompt_set
+from histoclip.zeroshot.evaluation import evaluate, prompt_sensitivity
+from histoclip.zeroshot.prompts import load_prompt_set
 
 PROMPTS = Path(__file__).resolve().parents[1] / "config" / "prompts"
 
@@ -151,7 +151,7 @@ def test_collapse_flag_and_warning(caplog):
     classes = ["LUAD", "LUSC"]
     y_true = ["LUAD"] * 10 + ["LUSC"] * 10
     y_pred = ["LUSC"] * 19 + ["LUAD"]
-    with caplog.at_level("WARNING", logger="histoclip.evaluation"):
+    with caplog.at_level("WARNING", logger="histoclip.zeroshot.evaluation"):
         result = evaluate(y_true, y_pred, None, classes, n_bootstrap=0)
     assert result["collapsed"]
     assert "95%" in result["warning"] and "'LUSC'" in result["warning"] and "collapsed" in result["warning"]

@@ -10,10 +10,13 @@ import pytest
 from matplotlib.colors import Normalize
 from PIL import Image
 
-from histoclip import slide as wsi
 from histoclip import store
+from histoclip.demo.synth import write_pyramid_tiff
 from histoclip.errors import InputError
-from histoclip.evidence import (
+from histoclip.plots import FigureStyle
+from histoclip.tiling import slide as wsi
+from histoclip.tiling.grid import TilingParams, run_tiling
+from histoclip.zeroshot.evidence import (
     CMAP,
     EvidenceOptions,
     TileLayout,
@@ -23,9 +26,6 @@ from histoclip.evidence import (
     slide_evidence,
     top_tiles,
 )
-from histoclip.plots import FigureStyle
-from histoclip.synth import write_pyramid_tiff
-from histoclip.tiling import TilingParams, run_tiling
 
 BLOCK = 32  # flat colour blocks: JPEG keeps them nearly exact, and every block is distinguishable
 

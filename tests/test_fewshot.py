@@ -11,9 +11,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 
 from histoclip import store
-from histoclip.aggregation import aggregate_slides
+from histoclip.cohort.aggregation import aggregate_slides
 from histoclip.errors import InputError
-from histoclip.fewshot import (
+from histoclip.plots import FigureStyle
+from histoclip.zeroshot.fewshot import (
     FewShotSettings,
     evaluated_slides,
     fewshot_curve,
@@ -22,7 +23,6 @@ from histoclip.fewshot import (
     prototypes,
     run_fewshot,
 )
-from histoclip.plots import FigureStyle
 
 CLASSES = ["LUAD", "LUSC"]
 
@@ -110,7 +110,7 @@ def test_k_beyond_the_pool_is_skipped_with_a_note():
 
 
 def test_evaluated_slides_agrees_with_the_zero_shot_evaluation():
-    from histoclip import slide_calls
+    from histoclip.zeroshot import calls as slide_calls
 
     calls = pd.DataFrame(
         {
@@ -195,6 +195,6 @@ def test_patient_in_both_splits_is_warned_about(cohort, caplog):
     patients = ["P0" if s in ("s00", "s08") else f"P{i}" for i, s in enumerate(ids)]
     files = [tmp / "emb" / f"{s}.parquet" for s in ids]
     aggregate_slides(ids, patients, files, tmp / "shared.parquet")
-    with caplog.at_level(logging.WARNING, logger="histoclip.fewshot"):
+    with caplog.at_level(logging.WARNING, logger="histoclip.zeroshot.fewshot"):
         _, _, facts = run_fewshot(tmp / "shared.parquet", tmp / "calls.tsv", FewShotSettings(shots=(1,), draws=1))
     assert facts["patients_in_both_splits"] == ["P0"] and "split the sheet by patient" in caplog.text

@@ -12,8 +12,7 @@ import pytest
 from sklearn.metrics import adjusted_rand_score, pairwise_distances_argmin_min
 
 from histoclip import store
-from histoclip.errors import InputError
-from histoclip.phenotypes import (
+from histoclip.cohort.phenotypes import (
     PhenotypeSettings,
     assign,
     class_composition,
@@ -26,8 +25,9 @@ from histoclip.phenotypes import (
     run_phenotypes,
     sample_tiles,
 )
+from histoclip.errors import InputError
 from histoclip.plots import FigureStyle
-from histoclip.slide_calls import TextClassifier
+from histoclip.zeroshot.calls import TextClassifier
 
 SHA = "a" * 64
 
@@ -270,8 +270,8 @@ def test_gallery_tiles_are_the_most_central_with_a_cap_per_slide(tmp_path):
 
 
 def test_gallery_reads_the_tiles_pixels_from_the_slide(tmp_path):
-    from histoclip.synth import write_pyramid_tiff
-    from histoclip.tiling import TilingParams, run_tiling
+    from histoclip.demo.synth import write_pyramid_tiff
+    from histoclip.tiling.grid import TilingParams, run_tiling
 
     rgb = np.full((512, 512, 3), 240, np.uint8)
     rgb[:, :256] = (200, 40, 120)  # left half pink tissue, right half blue tissue

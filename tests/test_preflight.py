@@ -43,7 +43,7 @@ def slides(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_state():
-    from histoclip.models import ModelSpec, load_model
+    from histoclip.embedding.models import ModelSpec, load_model
 
     return load_model(ModelSpec("tiny", str(TINY_VIT), seed=0), "cpu").model.state_dict()
 
@@ -142,7 +142,7 @@ def test_checkpoint_shapes_come_from_the_header_and_fit_the_architecture(tmp_pat
     expected = {k: tuple(v.shape) for k, v in tiny_state.items()}
     assert checkpoint_shapes(tmp_path / "w.safetensors") == expected
     assert checkpoint_shapes(tmp_path / "w.pt") == expected  # state_dict wrapper and module. prefix undone
-    from histoclip.models import ModelSpec, _register_json_config
+    from histoclip.embedding.models import ModelSpec, _register_json_config
 
     name = _register_json_config(TINY_VIT, ModelSpec("tiny", str(TINY_VIT)))
     built, custom_text = architecture_shapes(name)

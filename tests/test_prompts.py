@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from histoclip.demo.synth import CAPTION_TEMPLATES, CLASS_SYNONYMS, SUBTYPES
 from histoclip.errors import InputError
-from histoclip.prompts import PLACEHOLDER, PromptSet, load_prompt_set, to_conch_json
-from histoclip.synth import CAPTION_TEMPLATES, CLASS_SYNONYMS, SUBTYPES
+from histoclip.zeroshot.prompts import PLACEHOLDER, PromptSet, load_prompt_set, to_conch_json
 
 PROMPTS = Path(__file__).resolve().parents[1] / "config" / "prompts"
 SHIPPED = sorted(PROMPTS.glob("*.yaml"))

@@ -11,10 +11,12 @@ import pytest
 from sklearn.metrics.pairwise import cosine_similarity
 
 from histoclip import store
-from histoclip.aggregation import aggregate_slides
+from histoclip.cohort.aggregation import aggregate_slides
+from histoclip.demo.synth import write_pyramid_tiff
 from histoclip.errors import InputError
 from histoclip.plots import FigureStyle
-from histoclip.retrieval import (
+from histoclip.tiling.grid import TilingParams, run_tiling
+from histoclip.zeroshot.retrieval import (
     RunningTopN,
     SlideVectors,
     precision_at_k,
@@ -24,8 +26,6 @@ from histoclip.retrieval import (
     slide_neighbours,
     text_to_tiles,
 )
-from histoclip.synth import write_pyramid_tiff
-from histoclip.tiling import TilingParams, run_tiling
 
 WEIGHTS = "ab" * 32
 

@@ -17,13 +17,13 @@ import yaml
 from bad_slides import copy_workflow, good_slide, snakemake, write_sheet
 
 from histoclip import cli
+from histoclip.embedding.models import ModelSpec, load_model
 from histoclip.errors import InputError
-from histoclip.models import ModelSpec, load_model
 from histoclip.sheets import SAFE_ID, read_cohort_sheet
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_VIT = REPO / "config" / "models" / "tiny-vit.json"
-PYTHON_SOURCES = sorted([*(REPO / "src" / "histoclip").glob("*.py"), *(REPO / "scripts").glob("*.py")])
+PYTHON_SOURCES = sorted([*(REPO / "src" / "histoclip").rglob("*.py"), *(REPO / "scripts").glob("*.py")])
 RULE_SOURCES = sorted([REPO / "Snakefile", *(REPO / "rules").glob("*.smk")])
 
 UNSAFE_IDS = [
@@ -135,7 +135,7 @@ def test_no_shell_from_python_code():
 
 def test_yaml_is_only_loaded_safely():
     safe_loaders = {"yaml.SafeLoader", "yaml.CSafeLoader"}
-    import histoclip.prompts
+    import histoclip.zeroshot.prompts
 
     for source in PYTHON_SOURCES:
         for call in _calls(source):
@@ -146,12 +146,12 @@ def test_yaml_is_only_loaded_safely():
                 assert loader is not None, f"{source.name}: yaml.load without a Loader"
                 loader_name = _dotted(loader)
                 if loader_name not in safe_loaders:  # a module-level subclass, e.g. prompts._UniqueKeySafeLoader
-                    module = {"prompts.py": histoclip.prompts}[source.name]
+                    module = {"prompts.py": histoclip.zeroshot.prompts}[source.name]
                     assert issubclass(getattr(module, loader_name), yaml.SafeLoader), loader_name
 
 
 def test_checkpoints_are_only_loaded_without_unpickling_code():
-    for source in [*PYTHON_SOURCES, *sorted((REPO / "benchmarks").glob("*.py"))]:
+    for source in [*PYTHON_SOURCES, *sorted((REPO / "benchmarks").rglob("*.py"))]:
         for call in _calls(source):
             name = _dotted(call.func)
             assert name not in ("pickle.load", "pickle.loads", "joblib.load", "dill.load"), f"{source.name}: {name}"

@@ -11,11 +11,12 @@ import pandas as pd
 import pytest
 from sklearn.metrics import balanced_accuracy_score
 
-from histoclip.evaluation import prompt_sensitivity
-from histoclip.models import ModelSpec, load_model
+from histoclip.embedding.models import ModelSpec, load_model
 from histoclip.plots import FigureStyle
-from histoclip.prompts import load_prompt_set
-from histoclip.sensitivity import (
+from histoclip.zeroshot.classifier import call_slide, pool, text_classifier, tile_scores
+from histoclip.zeroshot.evaluation import prompt_sensitivity
+from histoclip.zeroshot.prompts import load_prompt_set
+from histoclip.zeroshot.sensitivity import (
     PromptCache,
     SensitivitySettings,
     cohort_prompt_sensitivity,
@@ -25,7 +26,6 @@ from histoclip.sensitivity import (
     run_prompt_sensitivity,
     write_prompt_sensitivity,
 )
-from histoclip.zeroshot import call_slide, pool, text_classifier, tile_scores
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,7 +127,7 @@ def test_cohort_run_reproduces_the_zero_shot_rule(model, prompt_set, tmp_path):
     from histoclip import store
     from histoclip.errors import InputError
     from histoclip.sheets import SlideRecord
-    from histoclip.slide_calls import CallSettings, call_cohort, read_text_classifier, write_text_classifier
+    from histoclip.zeroshot.calls import CallSettings, call_cohort, read_text_classifier, write_text_classifier
 
     classifier_path = tmp_path / "zs" / "text_classifier.parquet"
     stored = write_text_classifier(model, prompt_set, classifier_path)

@@ -10,14 +10,14 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from histoclip.embedding import SlideJob, embed_shard
-from histoclip.models import ModelSpec, load_model
-from histoclip.prompts import load_prompt_set
+from histoclip.demo.synth import write_pyramid_tiff
+from histoclip.embedding.embed import SlideJob, embed_shard
+from histoclip.embedding.models import ModelSpec, load_model
 from histoclip.sheets import SlideRecord
-from histoclip.slide_calls import CallSettings, call_cohort, read_text_classifier, write_text_classifier
 from histoclip.store import read_metadata
-from histoclip.synth import write_pyramid_tiff
-from histoclip.tiling import TilingParams, run_tiling
+from histoclip.tiling.grid import TilingParams, run_tiling
+from histoclip.zeroshot.calls import CallSettings, call_cohort, read_text_classifier, write_text_classifier
+from histoclip.zeroshot.prompts import load_prompt_set
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,11 +11,11 @@ import openslide
 import pytest
 import tifffile
 
-from histoclip import slide as wsi
+from histoclip.demo.synth import write_pyramid_tiff
 from histoclip.errors import SlideError
 from histoclip.store import read_metadata
-from histoclip.synth import write_pyramid_tiff
-from histoclip.tiling import TilingParams, area_fractions, run_tiling, tile_grid, tile_slide
+from histoclip.tiling import slide as wsi
+from histoclip.tiling.grid import TilingParams, area_fractions, run_tiling, tile_grid, tile_slide
 
 pytestmark = []
 

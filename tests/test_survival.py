@@ -17,7 +17,7 @@ from lifelines.utils import concordance_index
 from histoclip.config import load_yaml, validate_config
 from histoclip.errors import InputError
 from histoclip.plots import FigureStyle, save_figure
-from histoclip.survival import (
+from histoclip.survival.model import (
     Endpoint,
     SurvivalInputs,
     SurvivalPlan,
@@ -36,7 +36,7 @@ from histoclip.survival import (
     run_survival,
     write_survival,
 )
-from histoclip.survival_plots import at_risk_counts, forest_figure, km_figure
+from histoclip.survival.plots import at_risk_counts, forest_figure, km_figure
 
 TRUTH = {"subtype_squamous": 1.2, "necrosis_fraction": 3.0, "age": 0.04}
 
@@ -496,7 +496,7 @@ def test_phenotype_composition_terms(tmp_path: Path, transform: str) -> None:
 
 @pytest.fixture(scope="module")
 def demo_clinical(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from histoclip.synth import make_demo_cohort
+    from histoclip.demo.synth import make_demo_cohort
 
     return make_demo_cohort(tmp_path_factory.mktemp("demo"), seed=0).clinical
 

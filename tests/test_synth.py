@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 import tifffile
 
-from histoclip import synth
-from histoclip.synth import (
+from histoclip.demo import synth
+from histoclip.demo.synth import (
     CLASS_MAP_DOWNSAMPLE,
     SUBTYPES,
     TISSUE_CLASSES,

@@ -11,8 +11,8 @@ from bad_slides import blank_slide, good_slide, truncated_slide
 
 from histoclip.errors import InputErrors, SlideError
 from histoclip.store import finished_path, read_metadata
-from histoclip.tiling import TilingParams, run_tiling
-from histoclip.tiling_shards import SlideToTile, tile_shard
+from histoclip.tiling.grid import TilingParams, run_tiling
+from histoclip.tiling.shards import SlideToTile, tile_shard
 
 TILING = {"target_mpp": 0.5, "tile_px": 64, "overlap_px": 0, "min_tissue_fraction": 0.5}
 SETTINGS = {
@@ -117,8 +117,8 @@ def test_recorded_failures_are_written_but_never_kept(tmp_path, slides):
 
 
 def test_cohort_table_from_shard_tables_equals_the_table_written_at_once(tmp_path, slides):
-    from histoclip.qc import write_cohort_table
     from histoclip.store import concat_tsv_atomic
+    from histoclip.tiling.qc import write_cohort_table
 
     paths = {**slides, "cut": truncated_slide(tmp_path / "cut.tiff")}  # an error message in the table too
     jobs = shard(tmp_path, paths, cut={"on_slide_error": "record"})

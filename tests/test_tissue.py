@@ -1,4 +1,4 @@
-"""Tests of tissue detection (histoclip.tissue).
+"""Tests of tissue detection (histoclip.tiling.tissue).
 
 Two kinds: synthetic images with a known answer (a stained disc on glass, holes, specks, ink strokes,
 transparent pixels), and the real histolab thumbnails and tiles in ``shared/data`` with pen marks, which
@@ -26,7 +26,7 @@ import pytest
 from PIL import Image, ImageDraw
 from scipy import ndimage as ndi
 
-from histoclip.tissue import (
+from histoclip.tiling.tissue import (
     TissueParams,
     detect_tissue,
     otsu_threshold,
@@ -35,7 +35,7 @@ from histoclip.tissue import (
     tissue_fraction,
 )
 
-# Colours measured on the real slides (see module docstring of histoclip.tissue).
+# Colours measured on the real slides (see module docstring of histoclip.tiling.tissue).
 GLASS = (242, 240, 243)
 EOSIN = (206, 104, 146)
 HAEMATOXYLIN = (120, 60, 140)

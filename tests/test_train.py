@@ -15,11 +15,11 @@ import pandas as pd
 import pytest
 import torch
 
+from histoclip.demo.synth import make_demo_cohort
+from histoclip.embedding.models import ModelSpec, load_model
 from histoclip.errors import InputError
-from histoclip.models import ModelSpec, load_model
-from histoclip.synth import make_demo_cohort
-from histoclip.tiling import TilingParams, run_tiling
-from histoclip.train import (
+from histoclip.tiling.grid import TilingParams, run_tiling
+from histoclip.training.train import (
     TrainSettings,
     demo_pairs,
     image_folder_pairs,
@@ -125,7 +125,7 @@ def test_read_pairs_errors_name_file_row_and_fix(cohort, tmp_path):
 
 
 def test_time_budget_schedule_follows_steps_not_the_clock():
-    from histoclip.train import _lr_at, _Progress
+    from histoclip.training.train import _lr_at, _Progress
 
     settings = TrainSettings(max_seconds=100, warmup_fraction=0.1)
     schedule = _Progress(None, deadline=100.0, started=0.0)

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from histoclip.prompts import load_prompt_set
-from histoclip.zeroshot import SlideCall, call_slide, pool, probabilities, text_classifier, tile_scores
+from histoclip.zeroshot.classifier import SlideCall, call_slide, pool, probabilities, text_classifier, tile_scores
+from histoclip.zeroshot.prompts import load_prompt_set
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -201,7 +201,7 @@ def test_end_to_end_by_hand(two_by_two):
 def test_real_open_clip_model(tmp_path):
     """Shapes, dtype and unit norm with a real tokenizer and text tower (random weights, seeded)."""
     torch = pytest.importorskip("torch")
-    from histoclip.models import ModelSpec, load_model
+    from histoclip.embedding.models import ModelSpec, load_model
 
     model = load_model(ModelSpec("tiny", str(REPO / "config" / "models" / "tiny-vit.json")), "cpu")
     prompt_set = load_prompt_set(REPO / "config" / "prompts" / "demo.yaml")

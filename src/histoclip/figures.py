@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from histoclip.evaluation import binary_auc, evaluated_slides
 from histoclip.plots import FigureStyle, class_colours, new_figure
+from histoclip.zeroshot.evaluation import binary_auc, evaluated_slides
 
 __all__ = ["called_classes", "cohort_qc_figure", "roc_points", "zeroshot_confusion_figure", "zeroshot_roc_figure"]
 

@@ -8,7 +8,7 @@ per problem** (``severity``, ``what``, ``slide_id``, ``where``, ``problem``, ``f
 - ``config``: validated against the schema (unknown keys, wrong types);
 - ``sheet``: every row of the cohort sheet (ids, paths, mpp), plus slides sharing one file;
 - ``clinical``: rows, ids shared with the sheet, at least one event; patients without a row (warnings);
-- ``slide``: each slide opened with OpenSlide, its mpp resolved by the run's policy (histoclip.slide), the
+- ``slide``: each slide opened with OpenSlide, its mpp resolved by the run's policy (histoclip.tiling.slide), the
   pyramid level tissue detection will read sized, and one tile read at the level tiling will read and one at
   the tissue level (both decoded), with a truncated file told apart from a corrupt one;
 - ``prompts``: each prompt set parsed and validated, two or more called classes, sheet labels that are not
@@ -42,10 +42,10 @@ from typing import Any
 
 import pandas as pd
 
-from histoclip import slide as wsi
 from histoclip.config import _fill_defaults, load_schema, validate_config
 from histoclip.errors import InputError, InputErrors, SlideError
 from histoclip.sheets import SlideRecord, check_cohort_sheet, read_clinical_table
+from histoclip.tiling import slide as wsi
 
 log = logging.getLogger(__name__)
 
@@ -347,7 +347,7 @@ def check_prompts(
     entries: Sequence[str], records: Sequence[SlideRecord], search_dirs: Sequence[str | Path] = (".",)
 ) -> list[Problem]:
     """Each prompt set parses and can call slides; labels of the sheet that none of its classes match."""
-    from histoclip.prompts import load_prompt_set
+    from histoclip.zeroshot.prompts import load_prompt_set
 
     problems = []
     labels: dict[str, int] = {}
@@ -486,7 +486,7 @@ def _check_weights_fit(spec: Any, model_name: str, weights: Path) -> list[Proble
     """Read the checkpoint's names and shapes and compare them with the architecture's."""
     import pickle
 
-    from histoclip.models import unsafe_checkpoint_error
+    from histoclip.embedding.models import unsafe_checkpoint_error
 
     try:
         found = checkpoint_shapes(weights)
@@ -531,7 +531,7 @@ def check_model(
     name: str, entry: Mapping[str, Any], config: Mapping[str, Any], search_dirs: Sequence[str | Path] = (".",)
 ) -> list[Problem]:
     """Weights present (offline) and fitting the architecture; nothing is loaded onto any device."""
-    from histoclip.models import ModelSpec, _register_json_config
+    from histoclip.embedding.models import ModelSpec, _register_json_config
 
     spec = ModelSpec.from_config(name, entry, search_dirs)
     raw = str(entry["model"])
@@ -553,7 +553,7 @@ def check_model(
             model_name = _register_json_config(model_config, spec)
             return _check_weights_fit(spec, model_name, chosen)
         if spec.model.startswith("hf-hub:"):
-            from histoclip.models import _hub_weights_file, hub_offline
+            from histoclip.embedding.models import _hub_weights_file, hub_offline
 
             with hub_offline(True):
                 found = _hub_weights_file(spec.model[len("hf-hub:") :])

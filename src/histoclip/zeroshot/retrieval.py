@@ -4,7 +4,7 @@ Why: a pathologist checks what a model "means" by a phrase by looking at the til
 necrosis" should bring back necrosis), and finds comparable cases by slide similarity. Both run over cohorts
 of thousands of slides, so nothing here holds the cohort's tiles at once: tiles are scored slide by slide
 against every query and only a running top-N per query is kept; slides are compared through one vector
-each (the mean of their tile embeddings, renormalised: :func:`histoclip.aggregation.slide_embedding`), in
+each (the mean of their tile embeddings, renormalised: :func:`histoclip.cohort.aggregation.slide_embedding`), in
 blocks.
 
 Ties are broken by stream order (earlier slide, then earlier tile), so results do not depend on how the
@@ -24,13 +24,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from histoclip import slide as wsi
-from histoclip.aggregation import read_slide_embeddings, slide_embedding
+from histoclip.cohort.aggregation import read_slide_embeddings, slide_embedding
 from histoclip.errors import InputError
-from histoclip.evidence import TileLayout, read_tiles
 from histoclip.plots import FigureStyle, new_figure, save_figure, write_tsv
-from histoclip.prompts import query_slug, query_slugs
 from histoclip.store import write_text_atomic
+from histoclip.tiling import slide as wsi
+from histoclip.zeroshot.evidence import TileLayout, read_tiles
+from histoclip.zeroshot.prompts import query_slug, query_slugs
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class RunningTopN:
 
 
 def _read_slide_embeddings(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-    from histoclip.aggregation import read_tile_embeddings  # the embedding file's one reader (no torch)
+    from histoclip.cohort.aggregation import read_tile_embeddings  # the embedding file's one reader (no torch)
 
     return read_tile_embeddings(path)
 
@@ -168,7 +168,7 @@ class SlideVectors:
     def from_embedding_files(
         cls, slide_ids: Sequence[str], embedding_files: Sequence[str | os.PathLike[str]]
     ) -> SlideVectors:
-        """Slide embeddings (:func:`histoclip.aggregation.slide_embedding`: mean of the tile embeddings,
+        """Slide embeddings (:func:`histoclip.cohort.aggregation.slide_embedding`: mean of the tile embeddings,
         renormalised) computed by streaming the files: memory holds one slide's tiles plus one vector per slide."""
         kept, vectors, skipped = [], [], []
         weights: tuple[str, Any] | None = None

@@ -20,14 +20,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from histoclip import store
-from histoclip.aggregation import read_tile_embeddings as read_embeddings
-from histoclip.evaluation import evaluate, evaluated_slides
-from histoclip.prompts import PromptSet
+from histoclip.cohort.aggregation import read_tile_embeddings as read_embeddings
 from histoclip.sheets import SlideRecord
-from histoclip.zeroshot import call_slide, pool, text_classifier, tile_scores
+from histoclip.zeroshot.classifier import call_slide, pool, text_classifier, tile_scores
+from histoclip.zeroshot.evaluation import evaluate, evaluated_slides
+from histoclip.zeroshot.prompts import PromptSet
 
 if TYPE_CHECKING:  # torch only where a model is used: stats-only jobs read classifiers too
-    from histoclip.models import LoadedModel
+    from histoclip.embedding.models import LoadedModel
 
 log = logging.getLogger(__name__)
 

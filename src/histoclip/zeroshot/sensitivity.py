@@ -4,7 +4,7 @@ Why: zero-shot accuracy moves by tens of points with the wording of the prompts 
 accuracy across prompt sets on one task), so one number from one prompt set overstates what is known. This
 re-runs the whole zero-shot evaluation — text classifier, tile scores, top-K pooling, calls, balanced
 accuracy on the held-out labelled slides — for many random subsets of the templates and synonyms
-(:meth:`PromptSet.subset`, drawn by :func:`histoclip.evaluation.prompt_sensitivity`), and reports the spread.
+(:meth:`PromptSet.subset`, drawn by :func:`histoclip.zeroshot.evaluation.prompt_sensitivity`), and reports the spread.
 
 Cost, and why the loops are the way round they are:
 
@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from histoclip.evaluation import evaluate, prompt_sensitivity
-from histoclip.prompts import PromptSet
-from histoclip.zeroshot import call_slide, class_weights, pool, tile_scores
+from histoclip.zeroshot.classifier import call_slide, class_weights, pool, tile_scores
+from histoclip.zeroshot.evaluation import evaluate, prompt_sensitivity
+from histoclip.zeroshot.prompts import PromptSet
 
 __all__ = [
     "MAX_SCORE_VALUES",
@@ -149,7 +149,7 @@ def run_prompt_sensitivity(
     embeddings ``[N, D]`` (called once per slide, N > 0). ``encoder`` maps prompts to text embeddings
     (normalised or not), or is a :class:`PromptCache` (which then holds every prompt afterwards, so the caller
     can build the full set's classifier without encoding again). Returns the summary of
-    :func:`histoclip.evaluation.prompt_sensitivity` (plus the classes, slides, number of distinct prompts
+    :func:`histoclip.zeroshot.evaluation.prompt_sensitivity` (plus the classes, slides, number of distinct prompts
     encoded and the settings) and a table with one row per subset and one for the full set: subset,
     prompts_sha256, n_prompts (of the called classes), balanced_accuracy, macro_auc, n_scored, n_abstained,
     collapsed.
@@ -187,7 +187,7 @@ def run_prompt_sensitivity(
         pooled[i] = pooled_scores(embeddings, weights, settings)
         labels.append(label)
 
-    from histoclip.fewshot import quiet_evaluation
+    from histoclip.zeroshot.fewshot import quiet_evaluation
 
     results: dict[str, dict[str, Any]] = {}
     for j, key in enumerate(keys):
@@ -248,16 +248,16 @@ def cohort_prompt_sensitivity(
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """:func:`run_prompt_sensitivity` on the zero-shot rule's held-out slides, with cross-checks.
 
-    The slides are those the zero-shot evaluation scored (:func:`histoclip.fewshot.evaluated_slides` of
+    The slides are those the zero-shot evaluation scored (:func:`histoclip.zeroshot.fewshot.evaluated_slides` of
     ``calls_path``); their tile embeddings (``embedding_files``: slide id → file) must come from the weights
     ``weights_sha256`` of the model behind ``cache``. The summary gains ``calls_balanced_accuracy`` (the zero-shot
     rule's own calls on the same slides: equal to ``full`` unless something differs between the two paths),
     ``classifier_max_abs_difference`` (against ``stored_classifier`` = (classes, weights) of the rule's
     text_classifier.parquet) and ``weights_sha256``; a mismatch is logged as a warning.
     """
-    from histoclip.aggregation import read_tile_embeddings
+    from histoclip.cohort.aggregation import read_tile_embeddings
     from histoclip.errors import InputError
-    from histoclip.fewshot import called_classes, evaluated_slides, read_calls
+    from histoclip.zeroshot.fewshot import called_classes, evaluated_slides, read_calls
 
     calls = read_calls(calls_path)
     classes = called_classes(calls)

@@ -17,10 +17,11 @@ import numpy as np
 import openslide
 import pyarrow as pa
 
-from histoclip import qc, store
-from histoclip import slide as wsi
+from histoclip import store
 from histoclip.errors import SlideError
-from histoclip.tissue import TissueParams, detect_tissue
+from histoclip.tiling import qc
+from histoclip.tiling import slide as wsi
+from histoclip.tiling.tissue import TissueParams, detect_tissue
 
 
 @dataclass(frozen=True)

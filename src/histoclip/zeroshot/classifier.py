@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from histoclip.prompts import PromptSet
+from histoclip.zeroshot.prompts import PromptSet
 
 __all__ = [
     "POOLING_METHODS",

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from histoclip.prompts import PromptSet
+from histoclip.zeroshot.prompts import PromptSet
 
 __all__ = ["COLLAPSE_FRACTION", "binary_auc", "evaluate", "evaluated_slides", "prompt_sensitivity"]
 

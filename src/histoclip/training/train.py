@@ -3,7 +3,7 @@
 What it is for: the demo trains its own tiny CLIP on the synthetic cohort (offline, minutes on two cores),
 and a user can fine-tune a registered model on captioned tiles of their own cohort. The result is an
 open_clip ``local-dir`` model that the rest of the workflow loads like any other
-(``model: local-dir:/path`` in the config, see :mod:`histoclip.models`).
+(``model: local-dir:/path`` in the config, see :mod:`histoclip.embedding.models`).
 
 Pairs come as a table (TSV, or CSV by extension) with a ``caption`` column; the other columns say what the
 image is (:func:`read_pairs` tells the kinds apart by their columns):
@@ -38,7 +38,7 @@ Output (``out_dir``, written into a temporary folder beside it and renamed into 
 ``open_clip_config.json`` (``model_cfg`` with the training image size, ``preprocess_cfg``),
 ``open_clip_model.safetensors``, ``loss.tsv`` (step, loss, lr, seconds), ``loss.png`` and ``train.json``
 (settings, data counts, base model and its weights' sha256, results, package versions). The saved folder
-is reloaded through :func:`histoclip.models.load_model` before it is renamed into place, and must give the
+is reloaded through :func:`histoclip.embedding.models.load_model` before it is renamed into place, and must give the
 same embeddings as the model in memory.
 
 A loss in the 3s is not failure: with ``k`` same-class pairs in a batch of ``B`` (the same caption or class
@@ -68,18 +68,18 @@ import torch
 import torch.nn.functional as F
 
 from histoclip import store
-from histoclip.errors import InputError
-from histoclip.models import LoadedModel, ModelSpec, hub_offline, load_model, resolve_device
-from histoclip.sheets import read_cohort_sheet, read_table
-from histoclip.slide import undecodable_tile_error
-from histoclip.synth import (
+from histoclip.demo.synth import (
     CAPTION_MIN_PURITY,
     CAPTION_TEMPLATES,
     CLASS_SYNONYMS,
     TISSUE_CLASSES,
     read_class_map,
 )
-from histoclip.zeroshot import class_weights
+from histoclip.embedding.models import LoadedModel, ModelSpec, hub_offline, load_model, resolve_device
+from histoclip.errors import InputError
+from histoclip.sheets import read_cohort_sheet, read_table
+from histoclip.tiling.slide import undecodable_tile_error
+from histoclip.zeroshot.classifier import class_weights
 
 __all__ = [
     "PAIR_KINDS",
@@ -191,7 +191,7 @@ def pair_kind(pairs: pd.DataFrame) -> str:
     raise InputError(
         f"a pair table needs an 'image' or a 'slide_id' column; found {list(pairs.columns)}",
         where="pairs",
-        fix="read the table with histoclip.train.read_pairs",
+        fix="read the table with histoclip.training.train.read_pairs",
     )
 
 
@@ -518,7 +518,7 @@ class PairImages(torch.utils.data.Dataset):
             self.close()
 
     def _slide(self, slide_id: str, path: str) -> Any:
-        from histoclip.slide import open_wsi
+        from histoclip.tiling.slide import open_wsi
 
         if path not in self._handles:
             if len(self._handles) >= 16:
@@ -868,7 +868,7 @@ def _swap_into_place(tmp: Path, final: Path) -> None:
 
 
 def _check_reload(folder: Path, model: LoadedModel, probe: torch.Tensor, bag: bool) -> None:
-    """The saved folder must load through histoclip.models and embed like the model in memory."""
+    """The saved folder must load through histoclip.embedding.models and embed like the model in memory."""
     reloaded = load_model(ModelSpec("reload-check", f"local-dir:{folder}", precision="fp32"), model.device)
     saved_dtype, model.autocast_dtype = model.autocast_dtype, None
     try:
@@ -1254,13 +1254,13 @@ def demo_pairs(
     min_purity: float = CAPTION_MIN_PURITY,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Tile–caption pairs for training the demo CLIP on a cohort from :func:`histoclip.synth.make_demo_cohort`.
+    """Tile–caption pairs for training the demo CLIP on a cohort from :func:`histoclip.demo.synth.make_demo_cohort`.
 
     The cohort's ``captions.tsv`` has a few hundred pairs on a fixed grid, with the rare classes (fat,
     lymphocytes) down to a dozen or two in the train split: too few for a CLIP. This adds tiles at random
     level-0 offsets on the ``split`` slides whose area is at least ``min_purity`` one tissue class (from the
     class maps; background excluded), with captions drawn like the cohort's (a template × a synonym of the
-    class, :data:`~histoclip.synth.CAPTION_TEMPLATES` × :data:`~histoclip.synth.CLASS_SYNONYMS`), and caps
+    class, :data:`~histoclip.demo.synth.CAPTION_TEMPLATES` × :data:`~histoclip.demo.synth.CLASS_SYNONYMS`), and caps
     every class at ``tiles_per_class`` pairs so that rare classes are not drowned out (the cohort's own
     captions are kept first). Tiles have the caption tiles' physical size (``caption_tile_um`` in
     ``cohort.json``).
@@ -1278,7 +1278,7 @@ def demo_pairs(
         raise InputError(
             f"cannot read the tile size from {root / 'cohort.json'} ({exc})",
             where=f"demo cohort {root}",
-            fix="point at a folder written by histoclip.synth.make_demo_cohort",
+            fix="point at a folder written by histoclip.demo.synth.make_demo_cohort",
         ) from exc
     slides = sheet if split is None or "split" not in sheet.columns else sheet[sheet["split"] == split]
     if slides.empty:

@@ -103,7 +103,7 @@ def phenotype_columns(k: int) -> list[str]:
 
 def read_embedding_matrix(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(x, y, embeddings [N, D] float32) of one embedding file, read by the workflow's one (torch-free) reader."""
-    from histoclip.aggregation import read_tile_embeddings
+    from histoclip.cohort.aggregation import read_tile_embeddings
 
     x, y, embeddings, _ = read_tile_embeddings(path)
     return x, y, embeddings
@@ -430,7 +430,7 @@ def run_phenotypes(
 ) -> PhenotypeResult:
     """Sample, fit, stream-assign and name; write every output of ``results/phenotypes/{model}/``.
 
-    ``classifiers``: {prompt set name: :class:`histoclip.slide_calls.TextClassifier`}, in config order; the first
+    ``classifiers``: {prompt set name: :class:`histoclip.zeroshot.calls.TextClassifier`}, in config order; the first
     one names the phenotypes in ``class_composition.tsv``. Outputs: ``centroids.parquet``, ``assignments/``,
     ``composition.tsv``, ``phenotypes.tsv``, ``class_composition.tsv``, ``gallery_tiles.tsv``.
 
@@ -604,7 +604,7 @@ def read_gallery_pixels(
     ``read_tile_px``) and its size at the target mpp (``tile_px``): the gallery shows exactly what the model saw.
     Each slide is opened once.
     """
-    from histoclip.slide import open_wsi, read_rgb, resize_rgb
+    from histoclip.tiling.slide import open_wsi, read_rgb, resize_rgb
 
     images: list[np.ndarray | None] = [None] * len(gallery)
     for slide_id, group in gallery.groupby("slide_id", sort=False):

@@ -28,7 +28,7 @@ from typing import Any
 
 from histoclip import store
 from histoclip.errors import InputError, InputErrors
-from histoclip.tiling import run_tiling_from_settings
+from histoclip.tiling.grid import run_tiling_from_settings
 
 log = logging.getLogger(__name__)
 

@@ -33,9 +33,9 @@ import pyarrow.parquet as pq
 import torch
 
 from histoclip import store
+from histoclip.embedding.models import LoadedModel
 from histoclip.errors import SlideError
-from histoclip.models import LoadedModel
-from histoclip.slide import undecodable_tile_error
+from histoclip.tiling.slide import undecodable_tile_error
 
 log = logging.getLogger(__name__)
 

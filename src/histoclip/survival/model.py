@@ -1557,8 +1557,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_tsv(out, args.output)
     print(f"{len(out)} patients, {int(out['event'].sum())} events -> {args.output}")
     return 0
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    raise SystemExit(main())

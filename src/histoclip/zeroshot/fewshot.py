@@ -9,7 +9,7 @@ accuracy on exactly the same held-out slides as the reference line.
 Data: the slide table of the aggregation stage (one unit-norm embedding per slide) and the zero-shot
 ``calls.tsv`` (slide ids, labels, split, zero-shot answers). Shots are drawn from labelled slides of the
 ``train`` split; every other labelled slide of a called class with tiles is held out — the slides the
-zero-shot evaluation uses (:func:`histoclip.slide_calls.evaluated_slides`). The held-out labels are never
+zero-shot evaluation uses (:func:`histoclip.zeroshot.calls.evaluated_slides`). The held-out labels are never
 used to choose anything: ``k``, the draws, ``C`` are fixed in the config.
 
 Methods, as in the few-shot evaluations of CONCH and UNI:
@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from histoclip.errors import InputError
-from histoclip.evaluation import evaluate
+from histoclip.zeroshot.evaluation import evaluate
 
 __all__ = [
     "FewShotSettings",
@@ -139,7 +139,7 @@ def draw_shots(pool_labels: Sequence[str], classes: Sequence[str], k: int, rng: 
 def quiet_evaluation() -> Iterator[None]:
     """evaluate() warns on every collapsed classifier; over hundreds of draws that is noise: the collapses are
     counted in the results instead."""
-    logger = logging.getLogger("histoclip.evaluation")
+    logger = logging.getLogger("histoclip.zeroshot.evaluation")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
@@ -259,7 +259,7 @@ def summarise(
 def evaluated_slides(calls: pd.DataFrame, called: Sequence[str]) -> pd.DataFrame:
     """The zero-shot evaluation's held-out slides: labelled with a called class, with tiles, not ``train``.
 
-    The same rule as :func:`histoclip.slide_calls.evaluated_slides` (a test checks that they agree), repeated
+    The same rule as :func:`histoclip.zeroshot.calls.evaluated_slides` (a test checks that they agree), repeated
     here because that module loads torch and this one runs in the statistics environment.
     """
     keep = calls["label"].isin(called) & (calls["n_tiles"] > 0)
@@ -298,7 +298,7 @@ def run_fewshot(
     Held-out slides without a slide embedding are dropped from both sides (with a warning) so that both
     numbers are always on the same slides.
     """
-    from histoclip.aggregation import read_slide_embeddings
+    from histoclip.cohort.aggregation import read_slide_embeddings
 
     calls = read_calls(calls_path)
     classes = called_classes(calls)

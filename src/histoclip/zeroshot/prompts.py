@@ -424,7 +424,7 @@ def load_prompt_set(path: str | Path, *, entry: str | None = None) -> PromptSet:
         raise InputError(
             "the file does not hold a prompt set (expected a mapping with `classes:`)",
             where=where,
-            fix="see the format in the docstring of histoclip.prompts or any file in config/prompts/",
+            fix="see the format in the docstring of histoclip.zeroshot.prompts or any file in config/prompts/",
         )
     is_conch = "classes" not in doc and all(isinstance(v, dict) and "classnames" in v for v in doc.values())
     if is_conch:

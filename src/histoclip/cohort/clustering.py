@@ -96,7 +96,7 @@ def _normalise_rows(values: np.ndarray) -> np.ndarray:
 
 def read_slide_embeddings(path: str | Path) -> SlideFeatures:
     """Slide embeddings of the aggregation stage's table (``results/slides/{model}.parquet``), renormalised."""
-    from histoclip.aggregation import read_slide_embeddings as read_slide_table
+    from histoclip.cohort.aggregation import read_slide_embeddings as read_slide_table
 
     table = pq.read_schema(path)
     missing = {"slide_id", "patient_id", "n_tiles", "embedding"} - set(table.names)
@@ -123,9 +123,9 @@ def slide_embeddings_from_tiles(
     slide_ids: Sequence[str], patient_ids: Sequence[str], embedding_files: Sequence[str | Path]
 ) -> SlideFeatures:
     """Slide embeddings computed from the tile embeddings, one slide at a time, as the aggregation stage does
-    (:func:`histoclip.aggregation.slide_embedding`): the fallback when no slide table is given."""
-    from histoclip.aggregation import slide_embedding
-    from histoclip.phenotypes import read_embedding_matrix
+    (:func:`histoclip.cohort.aggregation.slide_embedding`): the fallback when no slide table is given."""
+    from histoclip.cohort.aggregation import slide_embedding
+    from histoclip.cohort.phenotypes import read_embedding_matrix
 
     rows, n_tiles = [], []
     for path in embedding_files:

@@ -27,10 +27,10 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from PIL import Image
 
-from histoclip import slide as wsi
 from histoclip import store
 from histoclip.errors import InputError
 from histoclip.plots import FigureStyle, new_figure, save_figure
+from histoclip.tiling import slide as wsi
 
 __all__ = [
     "EvidenceOptions",

@@ -1,0 +1,1 @@
+"""Cohort-level analyses of tile embeddings: slide aggregation, tile phenotypes, slide clustering."""

@@ -1,0 +1,1 @@
+"""Survival analysis: endpoints, Cox models with clinical and image covariates, c-index, Kaplan-Meier."""

@@ -1,0 +1,1 @@
+"""Slide tiling: reading slides (OpenSlide), microns per pixel, tissue detection, tile grids, QC thumbnails."""

@@ -1,0 +1,1 @@
+"""Contrastive training and fine-tuning of CLIP models on image-text pairs."""
