@@ -1,4 +1,8 @@
-# The synthetic demo cohort: slides, sheet, clinical table with simulated survival, tile captions.
+# The synthetic demo cohort: slides, sheet, clinical table with simulated survival, tile captions, and the
+# tile–caption pairs its CLIP is trained on.
+
+
+include: "functions/demo.smk"
 
 
 rule demo_cohort:
@@ -18,3 +22,19 @@ rule demo_cohort:
     threads: 2
     script:
         "../scripts/make_demo_cohort.py"
+
+
+rule demo_training_pairs:
+    input:
+        sheet=f"{DEMO_DIR}/slides.tsv",
+        captions=f"{DEMO_DIR}/captions.tsv",
+    output:
+        pairs=f"{DEMO_DIR}/training_pairs.tsv",
+    params:
+        seed=config["demo"]["seed"],
+    log:
+        "results/logs/demo_training_pairs.log",
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../scripts/demo_training_pairs.py"

@@ -1,8 +1,9 @@
 # Patch embedding: one job per (model, shard of slides): one model load, one Parquet file per slide.
-# The shard rules are made from the sheet at parse time (cheap: ids only, no slide is opened). Their output
-# paths are constant (the model is written in, not a {model} wildcard): Snakemake finds the rule that makes
-# a file through an index of the outputs' constant prefixes, and with a wildcard right after
-# results/embeddings/ every lookup scanned every shard's outputs (planning grew with slides²).
+# The shard rules are made from the sheet at parse time (cheap: ids only, no slide is opened), with constant
+# output paths (the model is written in, not a {model} wildcard): docs/architecture.md, "Planning".
+
+
+include: "functions/embedding.smk"
 
 
 for _model, _shard, _slides in embedding_shard_rules():

@@ -2,6 +2,9 @@
 # as TSV beside it, and the `figures` target that gathers every figure of the workflow.
 
 
+include: "functions/figures.smk"
+
+
 rule figure_cohort_qc:
     input:
         cohort="results/qc/cohort.tsv",

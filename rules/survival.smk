@@ -1,6 +1,9 @@
 # Survival: per model, the clinical table + slide outputs → patient table, Cox models (univariable, multivariable,
 # proportional-hazards tests), cross-validated c-index, Kaplan–Meier tables with log-rank tests; then the forest
-# and Kaplan–Meier figures. Inputs and the list of groupings come from the `survival` config (rules/common.smk).
+# and Kaplan–Meier figures. Inputs and the list of groupings come from the `survival` config.
+
+
+include: "functions/survival.smk"
 
 
 rule survival:

@@ -2,7 +2,10 @@
 # One job per shard of `tiling.shard_size` slides (tiled `tiling.threads` at a time), each slide still written
 # to its own tile file and thumbnail (histoclip.tiling.shards says why, and how a re-run resumes). As for the
 # embedding shards, the rules are made from the sheet at parse time (ids only, no slide opened) with
-# constant output paths.
+# constant output paths (docs/architecture.md, "Planning").
+
+
+include: "functions/tiling.smk"
 
 
 for _shard, _slides in tiling_shards().items():

@@ -1,20 +1,7 @@
-# Contrastive training / fine-tuning of CLIP models on image–text pairs, and the demo's training pairs.
+# Contrastive training / fine-tuning of CLIP models on image–text pairs.
 
 
-rule demo_training_pairs:
-    input:
-        sheet=f"{DEMO_DIR}/slides.tsv",
-        captions=f"{DEMO_DIR}/captions.tsv",
-    output:
-        pairs=f"{DEMO_DIR}/training_pairs.tsv",
-    params:
-        seed=config["demo"]["seed"],
-    log:
-        "results/logs/demo_training_pairs.log",
-    conda:
-        "../envs/torch.yaml"
-    script:
-        "../scripts/demo_training_pairs.py"
+include: "functions/training.smk"
 
 
 rule train_clip:

@@ -1,5 +1,34 @@
-# Tile phenotypes (cohort-wide mini-batch k-means of tile embeddings, named by the nearest text class) and slide
-# clustering (k-means on slide embeddings or phenotype compositions, k by silhouette, bootstrap stability).
+# Cohort-level analyses of the tile embeddings: slide embeddings (mean of the tile embeddings, renormalised;
+# optionally one top-K embedding per class of a prompt set), tile phenotypes (cohort-wide mini-batch k-means of
+# tile embeddings, named by the nearest text class) and slide clustering (k-means on slide embeddings or
+# phenotype compositions, k by silhouette, bootstrap stability).
+
+
+include: "functions/cohort.smk"
+
+
+rule aggregate:
+    input:
+        embeddings=embedding_manifest,
+        tile_scores=aggregation_tile_scores,
+    output:
+        slides="results/slides/{model}.parquet",
+    params:
+        slides=lambda wildcards: slide_ids(),
+        patients=slide_patients,
+        settings=aggregation_settings,
+    log:
+        "results/logs/aggregate/{model}.log",
+    threads: 1
+    conda:
+        "../envs/stats.yaml"
+    script:
+        "../scripts/aggregate_slides.py"
+
+
+rule slide_embeddings:
+    input:
+        slide_tables,
 
 
 rule phenotypes:

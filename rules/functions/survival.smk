@@ -1,0 +1,71 @@
+# Input functions, settings and output lists of the survival stage (rules/survival.smk).
+import functools
+
+
+@functools.cache
+def survival_plan():
+    """The `survival` section parsed and checked once at parse time (terms, endpoint coding); cheap: lifelines is
+    only imported by the rule itself."""
+    from histoclip.survival.model import SurvivalPlan
+
+    return SurvivalPlan.from_config(
+        config["survival"], seed=config["seed"], abstain_margin=config["zeroshot"]["abstain_margin"]
+    )
+
+
+def survival_prompt_set():
+    return config["survival"]["prompt_set"] or prompt_set_names()[0]
+
+
+def survival_inputs(wildcards):
+    """Clinical table, sheet, and only the slide-level tables the configured terms and groupings read."""
+    from histoclip.survival.model import required_sources
+
+    if not config["clinical"]:
+        raise ValueError("survival needs a clinical table: set `clinical` in the config (or --config clinical=PATH)")
+    sources = {
+        "calls": f"results/zeroshot/{wildcards.model}/{survival_prompt_set()}/calls.tsv",
+        "composition": f"results/phenotypes/{wildcards.model}/composition.tsv",
+        "class_composition": f"results/phenotypes/{wildcards.model}/class_composition.tsv",
+        "clusters": f"results/clusters/{wildcards.model}/slide_clusters.tsv",
+    }
+    inputs = {"clinical": config["clinical"], "sheet": config["slides"]}
+    return inputs | {source: sources[source] for source in required_sources(survival_plan())}
+
+
+def survival_grouping_names():
+    """Kaplan–Meier groupings as they appear in file names (clinical:sex → clinical_sex)."""
+    from histoclip.survival.model import grouping_file_name
+
+    return [grouping_file_name(g) for g in survival_plan().groupings]
+
+
+def survival_km_figure_outputs():
+    """figure_outputs of every Kaplan–Meier figure, keys km_{name}_{fmt}."""
+    outputs = {}
+    for name in survival_grouping_names():
+        outputs |= figure_outputs(
+            f"results/figures/survival/{{model}}/km_{name}",
+            name=f"km_{name}",
+            caption="survival_km.rst",
+            category="6. Survival",
+            subcategory="{model}",
+        )
+    return outputs
+
+
+def survival_tables(wildcards=None):
+    """Survival tables of every model (none without a clinical table)."""
+    if not config["clinical"]:
+        return []
+    names = ["patients", "cox_univariable", "cox_multivariable", "cindex"]
+    names += [f"km_{n}{suffix}" for n in survival_grouping_names() for suffix in ("", "_logrank")]
+    return expand("results/survival/{model}/{name}.tsv", model=embedding_models(), name=names)
+
+
+def survival_figures(wildcards=None):
+    """Forest and Kaplan–Meier figures of every model (their source-data TSVs stand for each figure's files)."""
+    if not config["clinical"]:
+        return []
+    names = ["forest", *[f"km_{n}" for n in survival_grouping_names()]]
+    return expand("results/figures/survival/{model}/{name}.tsv", model=embedding_models(), name=names)

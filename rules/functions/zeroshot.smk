@@ -1,0 +1,124 @@
+# Input functions, settings and output lists of the zeroshot stage (rules/zeroshot.smk).
+
+
+def prompt_set_path(wildcards):
+    """config/prompts/{name}.yaml (or .json), or the path given in zeroshot.prompt_sets."""
+    for entry in config["zeroshot"]["prompt_sets"]:
+        if entry.endswith((".yaml", ".yml", ".json")) and Path(entry).stem == wildcards.promptset:
+            return entry
+    for suffix in (".yaml", ".yml", ".json"):
+        for folder in (Path("config/prompts"), Path(workflow.basedir) / "config" / "prompts"):
+            if (folder / f"{wildcards.promptset}{suffix}").exists():
+                return str(folder / f"{wildcards.promptset}{suffix}")
+    raise ValueError(
+        f"prompt set {wildcards.promptset!r} not found in config/prompts/ (.yaml or .json): "
+        "add the file or give its path in zeroshot.prompt_sets"
+    )
+
+
+def zeroshot_calls(wildcards=None):
+    return expand(
+        "results/zeroshot/{model}/{promptset}/calls.tsv", model=embedding_models(), promptset=prompt_set_names()
+    )
+
+
+def zeroshot_call_settings():
+    """The zeroshot keys of a slide call (histoclip.zeroshot.calls.CallSettings) and the seed; the prompt-sensitivity
+    keys are only params of the rules that use them, so changing them re-runs nothing else."""
+    skip = {"prompt_sets", "n_subsets", "template_fraction", "synonym_fraction"}
+    return {k: v for k, v in config["zeroshot"].items() if k not in skip} | {"seed": config["seed"]}
+
+
+def prompt_sensitivity_settings(wildcards=None):
+    """Zero-shot call settings plus the subset draws: what decides the prompt-sensitivity numbers."""
+    keys = ("pooling", "top_k", "lse_temperature", "abstain_margin")
+    keys += ("n_subsets", "template_fraction", "synonym_fraction")
+    return {k: config["zeroshot"][k] for k in keys} | {"seed": config["seed"]}
+
+
+def prompt_sensitivity_outputs(wildcards=None):
+    """Prompt-sensitivity tables and figures per (model, prompt set); only when the sheet has labels."""
+    if not Path(config["slides"]).exists() or not has_labels():
+        return []
+    return expand(
+        [
+            "results/zeroshot/{model}/{promptset}/prompt_sensitivity.json",
+            "results/figures/zeroshot/{model}/{promptset}/prompt_sensitivity.tsv",
+        ],
+        model=embedding_models(),
+        promptset=prompt_set_names(),
+    )
+
+
+def fewshot_settings(wildcards=None):
+    return dict(config["fewshot"]) | {"seed": config["seed"]}
+
+
+def fewshot_outputs(wildcards=None):
+    """Few-shot tables and figures per (model, prompt set); only when the sheet has labels."""
+    if not Path(config["slides"]).exists() or not has_labels():
+        return []
+    return expand(
+        [
+            "results/fewshot/{model}/{promptset}/summary.tsv",
+            "results/figures/fewshot/{model}/{promptset}/balanced_accuracy_vs_k.tsv",
+        ],
+        model=embedding_models(),
+        promptset=prompt_set_names(),
+    )
+
+
+def evidence_shard_rules():
+    """(model, prompt set, shard, slide ids) for every zero-shot evidence shard rule."""
+    shards = embedding_shards()
+    return [
+        (model, promptset, shard, ids)
+        for model in embedding_models()
+        for promptset in prompt_set_names()
+        for shard, ids in shards.items()
+    ]
+
+
+def evidence_figures(wildcards=None):
+    """The evidence shards' index files (each lists its slides' figures) for every (model, prompt set)."""
+    if not Path(config["slides"]).exists():
+        return []
+    return [
+        f"results/zeroshot/{model}/{promptset}/evidence/index/{shard}.tsv"
+        for model, promptset, shard, _ in evidence_shard_rules()
+    ]
+
+
+def retrieval_query_slugs():
+    """File stems of retrieval.queries' galleries (parse time: config only; a slug collision is an error here)."""
+    from histoclip.zeroshot.prompts import query_slugs  # not histoclip.zeroshot.retrieval: every job parses this (matplotlib)
+
+    return query_slugs(config["retrieval"]["queries"])
+
+
+def retrieval_gallery_outputs():
+    """Named outputs of every query's gallery: q{i}_{format} for each figure format and q{i}_tsv."""
+    outputs = {}
+    for i, slug in enumerate(retrieval_query_slugs()):
+        outputs |= figure_outputs(
+            f"results/retrieval/{{model}}/text_to_tiles/{slug}",
+            name=f"q{i}",
+            caption="retrieval_gallery.rst",
+            category="5. Retrieval",
+            subcategory="{model}: text → tiles",
+        )
+    return outputs
+
+
+def retrieval_outputs(wildcards=None):
+    """Retrieval tables (text → tiles, slide neighbours, precision@k) per embedding model."""
+    if not Path(config["slides"]).exists():
+        return []
+    return expand(
+        [
+            "results/retrieval/{model}/text_to_tiles.tsv",
+            "results/retrieval/{model}/slide_neighbours.tsv",
+            "results/retrieval/{model}/slide_retrieval.json",
+        ],
+        model=embedding_models(),
+    )
