@@ -45,8 +45,8 @@ class FinishedSlide:
     """One slide's outputs of a shard job and the key they must match to be reused.
 
     ``key`` None: the slide can't be described (e.g. its file can't be read), so it is never kept or reused.
-    ``key_inside`` reads the key an output records itself (None when it can't be read); without it the key is
-    kept in a ``.key`` file.
+    ``key_inside`` reads the key the first output records in itself (None when it can't be read); without it the
+    key is kept in a ``.key`` file.
     """
 
     outputs: tuple[Path, ...]
