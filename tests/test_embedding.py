@@ -21,7 +21,8 @@ from histoclip.demo.synth import write_pyramid_tiff
 from histoclip.embedding.embed import SlideJob, embed_shard
 from histoclip.embedding.models import ModelSpec, load_model, resolve_device
 from histoclip.errors import InputError, SlideError
-from histoclip.store import finished_path, read_metadata, sha256_file
+from histoclip.resume import finished_path
+from histoclip.store import read_metadata, sha256_file
 from histoclip.tiling.grid import TilingParams, run_tiling
 
 TINY = {

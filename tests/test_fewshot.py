@@ -14,9 +14,9 @@ from histoclip import store
 from histoclip.cohort.aggregation import aggregate_slides
 from histoclip.errors import InputError
 from histoclip.plots import FigureStyle
+from histoclip.zeroshot.evaluation import evaluated_slides
 from histoclip.zeroshot.fewshot import (
     FewShotSettings,
-    evaluated_slides,
     fewshot_curve,
     plot_fewshot,
     prototype_predict,

@@ -10,7 +10,8 @@ import pytest
 from bad_slides import blank_slide, good_slide, truncated_slide
 
 from histoclip.errors import InputErrors, SlideError
-from histoclip.store import finished_path, read_metadata
+from histoclip.resume import finished_path
+from histoclip.store import read_metadata
 from histoclip.tiling.grid import TilingParams, run_tiling
 from histoclip.tiling.shards import SlideToTile, tile_shard
 

@@ -96,20 +96,6 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
-#: Folder beside a stage's outputs where finished per-slide files are kept as hard links (see finished_path).
-FINISHED_DIR = ".finished"
-
-
-def finished_path(out_path: str | os.PathLike[str]) -> Path:
-    """Where a finished output is kept beside itself: ``{folder}/.finished/{name}``.
-
-    Snakemake deletes every output of a job before re-running it, so a shard job (many slides, one job) that
-    crashed or failed on one slide would lose all the others; the kept links are what a re-run reuses.
-    """
-    out = Path(out_path)
-    return out.parent / FINISHED_DIR / out.name
-
-
 def link_atomic(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
     """Hard-link ``src`` at ``dst`` (atomically replacing it); copy where links are not possible."""
     dst = Path(dst)

@@ -10,10 +10,10 @@ Where a cohort spends its GPU hours. The usual bottleneck is not the model but f
 - embeddings are written as Parquet row groups while a slide streams, so memory stays bounded whatever
   the slide size; the file appears at its final path only when complete (temp file + rename).
 
-A finished slide is also kept as a hard link under ``.finished/`` beside the outputs. Snakemake deletes a
-job's outputs before re-running it, so after a crash this is what lets the re-run shard skip the slides
-that were already done: a kept file is reused only if its footer matches the current tile file (sha256),
-the model weights (sha256) and the storage settings.
+A finished slide is also kept under ``.finished/`` beside the outputs (:mod:`histoclip.resume`): after a crash
+this is what lets the re-run shard skip the slides that were already done. The reuse key is in the file's own
+footer: a kept file is reused only if it matches the current tile file (sha256), the model weights (sha256) and
+the storage settings.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,8 @@ import torch
 from histoclip import store
 from histoclip.embedding.models import LoadedModel
 from histoclip.errors import SlideError
-from histoclip.tiling.slide import undecodable_tile_error
+from histoclip.resume import FinishedSlide, reuse_key
+from histoclip.tiling.slide import open_wsi, read_rgb, undecodable_tile_error
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +102,9 @@ class TileBatches(torch.utils.data.Dataset):
         return len(self.items)
 
     def _slide(self, index: int) -> Any:
-        import openslide
-
         if index not in self._handles:
             job = self.slides[index]
-            try:
-                self._handles[index] = openslide.OpenSlide(job.slide_path)
-            except (openslide.OpenSlideError, OSError) as exc:
-                raise SlideError(job.slide_id, f"OpenSlide cannot open {job.slide_path!r}: {exc}") from exc
+            self._handles[index] = open_wsi(job.slide_path, job.slide_id)
             if len(self._handles) > 8:  # a shard streams slide after slide: keep only recent handles
                 oldest = next(iter(self._handles))
                 self._handles.pop(oldest).close()
@@ -124,13 +120,9 @@ class TileBatches(torch.utils.data.Dataset):
         out = np.empty((stop - start, size, size, 3), dtype=np.uint8)
         for row, (x, y) in enumerate(zip(job.x[start:stop].tolist(), job.y[start:stop].tolist(), strict=True)):
             try:
-                rgba = np.asarray(slide.read_region((x, y), job.read_level, (size, size)))
+                out[row] = read_rgb(slide, (x, y), job.read_level, (size, size))
             except openslide.OpenSlideError as exc:
                 raise undecodable_tile_error(job.slide_id, x, y, job.read_level, exc) from exc
-            out[row] = rgba[..., :3]
-            alpha = rgba[..., 3]
-            if alpha.min() == 0:  # unscanned area: white, as on glass, not black
-                out[row][alpha == 0] = 255
         return item, torch.from_numpy(out)
 
 
@@ -154,21 +146,29 @@ def output_metadata(job: SlideJob, model: LoadedModel, dtype: str) -> dict[str, 
     }
 
 
-def is_reusable(path: str | Path, job: SlideJob, model: LoadedModel, dtype: str) -> bool:
-    """Whether ``path`` holds this slide's complete embeddings for this tile file, model and dtype."""
+#: What an embedding file must still match to be reused, besides its number of rows: its tile file, the model and
+#: the storage settings.
+REUSE_FIELDS = ("tiles_sha256", "weights_sha256", "embedding_dtype", "dim", "preprocessing")
+
+
+def _embeddings_key(n_rows: int, meta: Mapping[str, Any]) -> str:
+    return reuse_key({"n_rows": n_rows, **{name: meta.get(name) for name in REUSE_FIELDS}})
+
+
+def _key_inside(path: Path) -> str | None:
+    """The reuse key an embedding file records in its footer; None when it can't be read."""
     try:
         meta = store.read_metadata(path)
         rows = pq.ParquetFile(path).metadata.num_rows
     except Exception:  # missing, truncated or not Parquet: recompute
-        return False
-    return (
-        rows == len(job)
-        and meta.get("tiles_sha256") == job.tiles_sha256
-        and meta.get("weights_sha256") == model.weights_sha256
-        and meta.get("embedding_dtype") == dtype
-        and meta.get("dim") == model.dim
-        and meta.get("preprocessing") == model.provenance()["preprocessing"]
-    )
+        return None
+    return _embeddings_key(rows, meta)
+
+
+def finished_slide(job: SlideJob, model: LoadedModel, dtype: str) -> FinishedSlide:
+    """The slide's embedding file with the key it must match to be reused: this slide's complete embeddings for
+    this tile file, model and dtype."""
+    return FinishedSlide.of([job.out_path], _embeddings_key(len(job), output_metadata(job, model, dtype)), _key_inside)
 
 
 class SlideWriter:
@@ -224,7 +224,6 @@ class SlideWriter:
             raise RuntimeError(f"slide {self.job.slide_id!r}: wrote {self.written} of {len(self.job)} tiles")
         os.chmod(self.tmp, 0o644)
         os.replace(self.tmp, self.final)
-        store.link_atomic(self.final, store.finished_path(self.final))
 
     def abort(self) -> None:
         with contextlib.suppress(Exception):  # already closed or broken: the temp file goes anyway
@@ -291,11 +290,7 @@ def embed_shard(
     report = ShardReport([], [], [], 0, 0.0)
     todo: list[SlideJob] = []
     for job in jobs:
-        kept = store.finished_path(job.out_path)
-        if is_reusable(job.out_path, job, model, dtype):
-            report.reused.append(job.slide_id)
-        elif is_reusable(kept, job, model, dtype):
-            store.link_atomic(kept, Path(job.out_path))
+        if finished_slide(job, model, dtype).restore():
             report.reused.append(job.slide_id)
         elif job.status != "ok":
             _write_failed(job, model, dtype, job.error)
@@ -361,6 +356,7 @@ def _stream(
         while finished < len(jobs):
             if remaining[finished] == 0:  # a slide with no tiles: an empty, complete file
                 SlideWriter(jobs[finished], model, dtype, row_group_rows).commit()
+                finished_slide(jobs[finished], model, dtype).keep()
                 finished += 1
                 continue
             try:
@@ -387,6 +383,7 @@ def _stream(
                 last_log = now
             if remaining[index] == 0:
                 writers.pop(index).commit()
+                finished_slide(jobs[index], model, dtype).keep()
                 seconds = time.perf_counter() - slide_started
                 log.info(
                     "slide %s: %d tiles in %.1f s (%.0f tiles/s)",

@@ -5,19 +5,16 @@ a cohort of 10,000 slides as 10,000 jobs makes the workflow manager, not the til
 alone took longer than the 20 s budget). A shard is ``tiling.shard_size`` slides, tiled ``threads`` at a time in
 worker processes.
 
-Why resumption: Snakemake deletes every output of a job before re-running it, so a shard killed (walltime,
-node failure) or failed on one bad slide would lose every slide already tiled. A slide tiled without error is
-kept as hard links under ``.finished/`` beside its tile file and thumbnail, with a key: the slide file (path,
-size, modification time), every setting that decides its tiles, and the histoclip version. A re-run reuses a
-kept slide only when its key is unchanged; anything else is tiled again. Slides recorded as failed
+Why resumption (:mod:`histoclip.resume`): a shard killed or failed on one bad slide must not lose the slides
+already tiled. A slide tiled without error keeps its tile file and thumbnail under ``.finished/`` with a key: the
+slide file (path, size, modification time), every setting that decides its tiles, and the histoclip version. A
+re-run reuses a kept slide only when its key is unchanged; anything else is tiled again. Slides recorded as failed
 (``on_slide_error: record``) are never kept, so a re-run retries them (the cause may have been transient).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
-import json
 import logging
 import multiprocessing
 import os
@@ -26,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from histoclip import store
 from histoclip.errors import InputError, InputErrors
+from histoclip.resume import FinishedSlide, reuse_key
 from histoclip.tiling.grid import run_tiling_from_settings
 
 log = logging.getLogger(__name__)
@@ -55,15 +52,15 @@ class TilingShardReport:
     n_tiles: int = 0
 
 
-def reuse_key(slide: SlideToTile) -> str | None:
-    """sha256 of what a kept slide must still match to be reused (see the module docstring); None when the
-    slide file can't be read (tiling it then fails with the slide's own error)."""
+def finished_slide(slide: SlideToTile) -> FinishedSlide:
+    """The slide's tile file and thumbnail with their reuse key (see the module docstring); the key is None when
+    the slide file can't be read (tiling it then fails with the slide's own error)."""
     import histoclip
 
     try:
         stat = os.stat(slide.path)
     except OSError:
-        return None
+        return FinishedSlide.of([slide.tiles_out, slide.qc_out], None)
     what = {
         "slide_id": slide.slide_id,
         "path": str(Path(slide.path).resolve()),
@@ -72,39 +69,7 @@ def reuse_key(slide: SlideToTile) -> str | None:
         "settings": slide.settings,
         "histoclip": histoclip.__version__,
     }
-    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _key_path(slide: SlideToTile) -> Path:
-    return store.finished_path(slide.tiles_out).with_suffix(".key")
-
-
-def keep_finished(slide: SlideToTile, key: str | None) -> None:
-    """Keep a finished slide's outputs under ``.finished/``; the key is written last, so a crash half-way leaves
-    no key and the slide is simply tiled again."""
-    key_path = _key_path(slide)
-    key_path.unlink(missing_ok=True)
-    if key is None:
-        return
-    store.link_atomic(slide.tiles_out, store.finished_path(slide.tiles_out))
-    store.link_atomic(slide.qc_out, store.finished_path(slide.qc_out))
-    store.write_text_atomic(key_path, key + "\n")
-
-
-def restore_finished(slide: SlideToTile, key: str | None) -> bool:
-    """Put a kept slide's outputs back at their paths if its key still matches; whether it did."""
-    if key is None:
-        return False
-    kept_tiles, kept_qc = store.finished_path(slide.tiles_out), store.finished_path(slide.qc_out)
-    key_path = _key_path(slide)
-    try:
-        if key_path.read_text().strip() != key or not (kept_tiles.is_file() and kept_qc.is_file()):
-            return False
-    except OSError:
-        return False
-    store.link_atomic(kept_tiles, slide.tiles_out)
-    store.link_atomic(kept_qc, slide.qc_out)
-    return True
+    return FinishedSlide.of([slide.tiles_out, slide.qc_out], reuse_key(what))
 
 
 def _tile_one(slide: SlideToTile) -> dict[str, Any]:
@@ -120,24 +85,24 @@ def tile_shard(slides: Sequence[SlideToTile], threads: int = 1) -> TilingShardRe
     :class:`~histoclip.errors.InputErrors` naming each slide).
     """
     report = TilingShardReport()
-    todo: list[tuple[SlideToTile, str | None]] = []
+    todo: list[tuple[SlideToTile, FinishedSlide]] = []
     for slide in slides:
-        key = reuse_key(slide)
-        if restore_finished(slide, key):
+        kept = finished_slide(slide)
+        if kept.restore():
             report.reused.append(slide.slide_id)
         else:
-            todo.append((slide, key))
+            todo.append((slide, kept))
     if report.reused:
         log.info("reusing %d finished slide(s): %s", len(report.reused), ", ".join(report.reused))
 
-    def finished(slide: SlideToTile, key: str | None, meta: dict[str, Any] | None, error: Exception | None) -> None:
+    def finished(slide: SlideToTile, kept: FinishedSlide, meta: dict[str, Any] | None, error: Exception | None) -> None:
         if error is not None:
             log.error("slide %s could not be tiled: %s", slide.slide_id, error)
             report.errors[slide.slide_id] = error
             return
         assert meta is not None
         if meta["status"] == "ok":
-            keep_finished(slide, key)
+            kept.keep()
             report.tiled.append(slide.slide_id)
             report.n_tiles += int(meta["n_tiles"])
             log.info("slide %s: %d tiles", slide.slide_id, meta["n_tiles"])
@@ -147,23 +112,23 @@ def tile_shard(slides: Sequence[SlideToTile], threads: int = 1) -> TilingShardRe
 
     workers = max(1, min(threads, len(todo)))
     if workers == 1:
-        for slide, key in todo:
+        for slide, kept in todo:
             try:
                 meta, error = _tile_one(slide), None
             except Exception as exc:  # every slide gets its chance; the errors are raised together below
                 meta, error = None, exc
-            finished(slide, key, meta, error)
+            finished(slide, kept, meta, error)
     else:
         # fork: the job script is not importable as a module, which spawn and forkserver would need
         context = multiprocessing.get_context("fork")
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            futures = {pool.submit(_tile_one, slide): (slide, key) for slide, key in todo}
+            futures = {pool.submit(_tile_one, slide): (slide, kept) for slide, kept in todo}
             for future in concurrent.futures.as_completed(futures):
-                slide, key = futures[future]
+                slide, kept = futures[future]
                 error = future.exception()
                 if error is not None and not isinstance(error, Exception):
                     raise error  # KeyboardInterrupt, SystemExit: not a slide's problem
-                finished(slide, key, None if error else future.result(), error)
+                finished(slide, kept, None if error else future.result(), error)
     _raise_errors(report, len(slides))
     return report
 

@@ -9,7 +9,7 @@ accuracy on exactly the same held-out slides as the reference line.
 Data: the slide table of the aggregation stage (one unit-norm embedding per slide) and the zero-shot
 ``calls.tsv`` (slide ids, labels, split, zero-shot answers). Shots are drawn from labelled slides of the
 ``train`` split; every other labelled slide of a called class with tiles is held out — the slides the
-zero-shot evaluation uses (:func:`histoclip.zeroshot.calls.evaluated_slides`). The held-out labels are never
+zero-shot evaluation uses (:func:`histoclip.zeroshot.evaluation.evaluated_slides`). The held-out labels are never
 used to choose anything: ``k``, the draws, ``C`` are fixed in the config.
 
 Methods, as in the few-shot evaluations of CONCH and UNI:
@@ -41,12 +41,11 @@ import numpy as np
 import pandas as pd
 
 from histoclip.errors import InputError
-from histoclip.zeroshot.evaluation import evaluate
+from histoclip.zeroshot.evaluation import evaluate, evaluated_slides
 
 __all__ = [
     "FewShotSettings",
     "draw_shots",
-    "evaluated_slides",
     "fewshot_curve",
     "fit_logistic_probe",
     "plot_fewshot",
@@ -254,18 +253,6 @@ def summarise(
             | {"note": note}
         )
     return pd.DataFrame(rows, columns=["method", "k", "n_draws", "median", "min", "max", "n_test", "note"])
-
-
-def evaluated_slides(calls: pd.DataFrame, called: Sequence[str]) -> pd.DataFrame:
-    """The zero-shot evaluation's held-out slides: labelled with a called class, with tiles, not ``train``.
-
-    The same rule as :func:`histoclip.zeroshot.calls.evaluated_slides` (a test checks that they agree), repeated
-    here because that module loads torch and this one runs in the statistics environment.
-    """
-    keep = calls["label"].isin(called) & (calls["n_tiles"] > 0)
-    if "split" in calls.columns:
-        keep &= calls["split"].astype(str).str.lower() != "train"
-    return calls[keep]
 
 
 def called_classes(calls: pd.DataFrame) -> list[str]:

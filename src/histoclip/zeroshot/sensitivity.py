@@ -248,7 +248,7 @@ def cohort_prompt_sensitivity(
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """:func:`run_prompt_sensitivity` on the zero-shot rule's held-out slides, with cross-checks.
 
-    The slides are those the zero-shot evaluation scored (:func:`histoclip.zeroshot.fewshot.evaluated_slides` of
+    The slides are those the zero-shot evaluation scored (:func:`histoclip.zeroshot.evaluation.evaluated_slides` of
     ``calls_path``); their tile embeddings (``embedding_files``: slide id → file) must come from the weights
     ``weights_sha256`` of the model behind ``cache``. The summary gains ``calls_balanced_accuracy`` (the zero-shot
     rule's own calls on the same slides: equal to ``full`` unless something differs between the two paths),
@@ -257,7 +257,8 @@ def cohort_prompt_sensitivity(
     """
     from histoclip.cohort.aggregation import read_tile_embeddings
     from histoclip.errors import InputError
-    from histoclip.zeroshot.fewshot import called_classes, evaluated_slides, read_calls
+    from histoclip.zeroshot.evaluation import evaluated_slides
+    from histoclip.zeroshot.fewshot import called_classes, read_calls
 
     calls = read_calls(calls_path)
     classes = called_classes(calls)
