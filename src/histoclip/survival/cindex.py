@@ -25,6 +25,20 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CINDEX_COLUMNS", "cindex_rows", "cross_validated_cindex"]
 
+
+def _stratified_folds(event: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Fold of every row: events and censored rows each shuffled and dealt round-robin, so every fold gets
+    ⌊events/k⌋ or ⌈events/k⌉ events (a fold without events has no comparable pairs)."""
+    folds = np.empty(len(event), dtype=np.int64)
+    offset = 0
+    for value in (1, 0):
+        rows = np.flatnonzero(event == value)
+        rows = rows[rng.permutation(len(rows))]
+        folds[rows] = (np.arange(len(rows)) + offset) % k
+        offset += len(rows)
+    return folds
+
+
 CINDEX_COLUMNS = [
     "endpoint",
     "model",
@@ -43,19 +57,6 @@ CINDEX_COLUMNS = [
     "apparent_c_index",
     "note",
 ]
-
-
-def _stratified_folds(event: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """Fold of every row: events and censored rows each shuffled and dealt round-robin, so every fold gets
-    ⌊events/k⌋ or ⌈events/k⌉ events (a fold without events has no comparable pairs)."""
-    folds = np.empty(len(event), dtype=np.int64)
-    offset = 0
-    for value in (1, 0):
-        rows = np.flatnonzero(event == value)
-        rows = rows[rng.permutation(len(rows))]
-        folds[rows] = (np.arange(len(rows)) + offset) % k
-        offset += len(rows)
-    return folds
 
 
 def _held_out_scores(

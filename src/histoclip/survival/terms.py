@@ -167,31 +167,20 @@ def _call_probability(term: Term, calls: pd.DataFrame, inputs: DesignInputs) -> 
     return {str(term): calls.reindex(inputs.patients)[f"p_{term.name}"]}, "per unit probability (0 to 1)"
 
 
-def _fraction_column(fractions: pd.DataFrame, term: Term, missing: str, *, where: str, fix: str) -> pd.Series:
-    """The fraction column a term names, or an error saying which columns there are."""
-    if term.name not in fractions.columns:
-        raise InputError(f"model term {term}: {missing}", where=where, fix=fix)
-    return fractions[term.name]
+def _fraction(what: str, listed: str, reference: str, *, where: tuple[str, str], fix: str) -> Builder:
+    """The builder of a term that names one fraction column (a tissue class, a phenotype): the column as is, or an
+    error listing the columns there are. ``where`` is (the SlideFeatures.sources key, the fallback name)."""
 
+    def build(term: Term, fractions: pd.DataFrame, inputs: DesignInputs) -> tuple[Columns, str]:
+        if term.name not in fractions.columns:
+            raise InputError(
+                f"model term {term}: no {what} {term.name!r} ({listed}{', '.join(fractions.columns)})",
+                where=inputs.features.sources.get(*where),
+                fix=fix,
+            )
+        return {str(term): fractions[term.name].reindex(inputs.patients)}, reference
 
-def _tissue_class_fraction(term: Term, fractions: pd.DataFrame, inputs: DesignInputs) -> tuple[Columns, str]:
-    """The fraction of the patient's tissue in one named tissue class."""
-    column = _fraction_column(
-        fractions, term, f"no tissue class {term.name!r} (classes: {', '.join(fractions.columns)})",
-        where=inputs.features.sources.get("class_fractions", "class composition"),
-        fix="use one of the named tissue classes",
-    )  # fmt: skip
-    return {str(term): column.reindex(inputs.patients)}, "per unit fraction of tissue (0 to 1)"
-
-
-def _phenotype_fraction(term: Term, fractions: pd.DataFrame, inputs: DesignInputs) -> tuple[Columns, str]:
-    """The fraction of the patient's tiles in one phenotype."""
-    column = _fraction_column(
-        fractions, term, f"no phenotype column {term.name!r} ({', '.join(fractions.columns)})",
-        where=inputs.features.sources.get("phenotypes", "phenotype composition"),
-        fix="use one of the phenotype columns",
-    )  # fmt: skip
-    return {str(term): column.reindex(inputs.patients)}, "per unit fraction of tiles (0 to 1)"
+    return build
 
 
 def _phenotype_composition(term: Term, fractions: pd.DataFrame, inputs: DesignInputs) -> tuple[Columns, str]:
@@ -276,10 +265,25 @@ TERM_KINDS: dict[str, TermKind] = {
         "class_fraction:CLASS, fraction of tissue in a named tissue class (class_composition.tsv)",
         "class_composition",
         True,
-        _tissue_class_fraction,
+        _fraction(
+            "tissue class",
+            "classes: ",
+            "per unit fraction of tissue (0 to 1)",
+            where=("class_fractions", "class composition"),
+            fix="use one of the named tissue classes",
+        ),
     ),
     "phenotype": TermKind(
-        "phenotype:COLUMN, one phenotype fraction (composition.tsv)", "composition", True, _phenotype_fraction
+        "phenotype:COLUMN, one phenotype fraction (composition.tsv)",
+        "composition",
+        True,
+        _fraction(
+            "phenotype column",
+            "",
+            "per unit fraction of tiles (0 to 1)",
+            where=("phenotypes", "phenotype composition"),
+            fix="use one of the phenotype columns",
+        ),
     ),
     "phenotypes": TermKind(
         "phenotypes, the whole phenotype composition (log-ratios against a reference phenotype)",
