@@ -98,6 +98,8 @@ class DesignInputs:
 
 #: Covariate columns by name, each indexed by the design's patients.
 Columns = dict[str, pd.Series]
+#: A kind's builder: (term, its source table at patient level, design inputs) → (columns, reference).
+Builder = Callable[[Term, Any, DesignInputs], tuple[Columns, str]]
 
 
 # ------------------------------------------------------------------------------------------------ builders
@@ -232,9 +234,6 @@ def _cluster_indicators(term: Term, clusters: pd.Series, inputs: DesignInputs) -
 
 
 # ---------------------------------------------------------------------------------------------- the kinds
-
-#: A kind's builder: (term, its source table at patient level, design inputs) → (columns, reference).
-Builder = Callable[[Term, Any, DesignInputs], tuple[Columns, str]]
 
 
 @dataclass(frozen=True)
