@@ -4,9 +4,10 @@ import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path
 
 from histoclip.logs import rule_log
 from histoclip.sheets import read_cohort_sheet
-from histoclip.survival.model import SurvivalInputs, SurvivalPlan, run_survival, write_survival
+from histoclip.survival.analysis import SurvivalInputs, run_survival, write_survival
+from histoclip.survival.plan import SurvivalPlan
 
-with rule_log(snakemake.log[0], "histoclip.survival.model") as log:
+with rule_log(snakemake.log[0], "histoclip.survival.analysis") as log:
     params = snakemake.params
     plan = SurvivalPlan.from_config(params.survival, seed=params.seed, abstain_margin=params.abstain_margin)
     inputs = SurvivalInputs(

@@ -17,26 +17,18 @@ from lifelines.utils import concordance_index
 from histoclip.config import load_yaml, validate_config
 from histoclip.errors import InputError
 from histoclip.plots import FigureStyle, save_figure
-from histoclip.survival.model import (
-    Endpoint,
-    SurvivalInputs,
-    SurvivalPlan,
-    SurvivalSettings,
-    cross_validated_cindex,
-    endpoint_frame,
-    event_table_from_censorship,
-    fit_cox,
-    kaplan_meier,
-    load_slide_features,
-    main,
-    parse_grouping,
-    parse_term,
-    patient_calls,
-    required_sources,
-    run_survival,
-    write_survival,
-)
+from histoclip.survival.analysis import SurvivalInputs, run_survival, write_survival
+from histoclip.survival.cindex import cross_validated_cindex
+from histoclip.survival.cli import main
+from histoclip.survival.cox import fit_cox
+from histoclip.survival.endpoints import Endpoint, endpoint_frame, event_table_from_censorship
+from histoclip.survival.groupings import parse_grouping
+from histoclip.survival.km import kaplan_meier
+from histoclip.survival.patients import load_slide_features, patient_calls
+from histoclip.survival.plan import SurvivalPlan, required_sources
 from histoclip.survival.plots import at_risk_counts, forest_figure, km_figure
+from histoclip.survival.settings import SurvivalSettings
+from histoclip.survival.terms import parse_term
 
 TRUTH = {"subtype_squamous": 1.2, "necrosis_fraction": 3.0, "age": 0.04}
 

@@ -6,7 +6,7 @@ import functools
 def survival_plan():
     """The `survival` section parsed and checked once at parse time (terms, endpoint coding); cheap: lifelines is
     only imported by the rule itself."""
-    from histoclip.survival.model import SurvivalPlan
+    from histoclip.survival.plan import SurvivalPlan
 
     return SurvivalPlan.from_config(
         config["survival"], seed=config["seed"], abstain_margin=config["zeroshot"]["abstain_margin"]
@@ -19,7 +19,7 @@ def survival_prompt_set():
 
 def survival_inputs(wildcards):
     """Clinical table, sheet, and only the slide-level tables the configured terms and groupings read."""
-    from histoclip.survival.model import required_sources
+    from histoclip.survival.plan import required_sources
 
     if not config["clinical"]:
         raise ValueError("survival needs a clinical table: set `clinical` in the config (or --config clinical=PATH)")
@@ -35,7 +35,7 @@ def survival_inputs(wildcards):
 
 def survival_grouping_names():
     """Kaplan–Meier groupings as they appear in file names (clinical:sex → clinical_sex)."""
-    from histoclip.survival.model import grouping_file_name
+    from histoclip.survival.groupings import grouping_file_name
 
     return [grouping_file_name(g) for g in survival_plan().groupings]
 

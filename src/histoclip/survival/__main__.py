@@ -2,7 +2,7 @@
 
 import logging
 
-from histoclip.survival.model import main
+from histoclip.survival.cli import main
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
