@@ -21,6 +21,7 @@ def upsample(field: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def upsample_u8(layer: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a uint8 layer (a quantised stain layer brought to level 0)."""
     image = Image.fromarray(np.ascontiguousarray(layer), mode="L")
     return np.asarray(image.resize((shape[1], shape[0]), Image.Resampling.BILINEAR))
 

@@ -95,6 +95,7 @@ def sample_positions(
 
 
 def on_class(label4: np.ndarray, ys: np.ndarray, xs: np.ndarray, cls: int) -> np.ndarray:
+    """Which level-0 positions lie on the slide and on class ``cls`` of the class map."""
     size = label4.shape[0] * CLASS_MAP_DOWNSAMPLE
     inside = (ys >= 0) & (ys < size) & (xs >= 0) & (xs < size)
     ok = np.zeros(ys.shape, bool)
@@ -115,6 +116,7 @@ def oriented_bank(
 
 
 def angle_index(rng: np.random.Generator, angles: np.ndarray, n_angles: int = 16) -> np.ndarray:
+    """Indices into an :func:`oriented_bank`: the nearest orientation bin, and one of its two variants."""
     bins = np.rint(np.mod(angles, np.pi) / (np.pi / n_angles)).astype(np.int64) % n_angles
     return 2 * bins + rng.integers(0, 2, bins.size)
 

@@ -34,6 +34,7 @@ def tiff_resolution(mpp: float | None) -> dict[str, Any]:
 
 
 def jpeg_options(quality: int) -> dict[str, Any]:
+    """tifffile keywords for JPEG-compressed RGB tiles."""
     return {"compression": "jpeg", "compressionargs": {"level": int(quality)}, "photometric": "rgb"}
 
 

@@ -46,5 +46,5 @@ same embeddings as the model in memory.
 A loss in the 3s is not failure: with ``k`` same-class pairs in a batch of ``B`` (the same caption or class
 repeats) the contrastive loss cannot go below about ``ln(B / k)``.
 
-The package's modules import no demo code: the demo's pairs and class prompts live in :mod:`histoclip.demo`.
+The package imports no demo code: the demo cohort's training pairs and class prompts live in the demo package.
 """

@@ -39,6 +39,7 @@ def _zero_shot(
     prompts: Any,
     bag: bool,
 ) -> dict[str, Any]:
+    """Accuracy, balanced accuracy and per-class recall of the prompts' classifier on the given batches."""
     names, weights = class_weights(lambda texts: model.encode_texts(texts).cpu(), prompts, what="class prompts")
     classifier = torch.from_numpy(weights).float()
     predicted: list[int] = []
@@ -67,6 +68,8 @@ def held_in_check(
     seed: int,
     logger: logging.Logger,
 ) -> dict[str, Any] | None:
+    """Zero-shot accuracy of the class prompts on up to :data:`MAX_EVAL_PAIRS` training pairs whose label is
+    a class (a seeded draw), for ``train.json``; None, with a warning, when no pair has such a label."""
     usable = [i for i, label in enumerate(pairs["label"].tolist()) if label in class_prompts]
     if not usable:
         logger.warning("no training pair has a label among the class prompts: no held-in zero-shot check")

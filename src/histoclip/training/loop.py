@@ -42,6 +42,7 @@ MAX_LOGIT_SCALE = 100.0
 
 
 def _train_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None: fp32): bf16 on CUDA when ``auto``."""
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return torch.bfloat16 if precision == "bf16" else None
