@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from histoclip.demo.synth import make_demo_cohort
+from histoclip.demo import make_demo_cohort
 from histoclip.embedding.embed import SlideJob, TileBatches, embed_shard, resolve_batch_size, resolve_workers
 from histoclip.embedding.models import ModelSpec, load_model
 from histoclip.tiling.grid import run_tiling

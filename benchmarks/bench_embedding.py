@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from histoclip.demo.synth import write_large_slide
+from histoclip.demo import write_large_slide
 from histoclip.embedding.embed import SlideJob, TileBatches, embed_shard, resolve_batch_size, resolve_workers
 from histoclip.embedding.models import ModelSpec, load_model
 from histoclip.tiling.grid import TilingParams, run_tiling

@@ -1,7 +1,7 @@
 """Preflight speed: seconds per 1,000 slides (target: seconds, not minutes).
 
 A cohort of ``--slides`` entries (default 1,000) is made of symbolic links, each under its own name, to a few
-small slides: three synthetic pyramidal JPEG-tiled TIFFs (histoclip.demo.synth, like the demo's) and, when
+small slides: three synthetic pyramidal JPEG-tiled TIFFs (histoclip.demo, like the demo's) and, when
 ../shared/data is there, the real Aperio CMU-1-Small-Region.svs. The preflight opens every entry, resolves its
 mpp, sizes its tissue level and decodes two tiles, as it would for a real cohort. The slide files are few, so
 they sit in the page cache: this measures the preflight's own cost, not a cold network file system's latency.
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from histoclip.config import load_yaml  # noqa: E402
-from histoclip.demo.synth import write_pyramid_tiff  # noqa: E402
+from histoclip.demo import write_pyramid_tiff  # noqa: E402
 from histoclip.preflight import SlideSettings, check_sheet, check_slides, run_preflight  # noqa: E402
 
 SHARED = Path(os.environ.get("HISTOCLIP_SHARED_DATA", REPO.parent / "shared" / "data"))

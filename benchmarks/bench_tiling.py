@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from histoclip.demo.synth import write_large_slide
+from histoclip.demo import write_large_slide
 from histoclip.tiling.grid import TilingParams, tile_slide
 
 

@@ -6,7 +6,7 @@ import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path
 import numpy as np
 
 from histoclip.cohort.aggregation import embedding_paths
-from histoclip.demo.synth import tile_classes
+from histoclip.demo import tile_classes
 from histoclip.embedding.models import ModelSpec, load_model
 from histoclip.logs import rule_log
 from histoclip.plots import FigureStyle, write_tsv

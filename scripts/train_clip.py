@@ -6,7 +6,9 @@ import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path
 
 from histoclip.embedding.models import ModelSpec
 from histoclip.logs import rule_log
-from histoclip.training.train import TrainSettings, read_pairs, train_clip
+from histoclip.training.loop import train_clip
+from histoclip.training.pairs import read_pairs
+from histoclip.training.settings import TrainSettings
 
 with rule_log(snakemake.log[0], "histoclip.train_clip") as log:
     entry = dict(snakemake.params.training)

@@ -11,7 +11,7 @@ from matplotlib.colors import Normalize
 from PIL import Image
 
 from histoclip import store
-from histoclip.demo.synth import write_pyramid_tiff
+from histoclip.demo import write_pyramid_tiff
 from histoclip.errors import InputError
 from histoclip.plots import FigureStyle
 from histoclip.tiling import slide as wsi

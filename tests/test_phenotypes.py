@@ -270,7 +270,7 @@ def test_gallery_tiles_are_the_most_central_with_a_cap_per_slide(tmp_path):
 
 
 def test_gallery_reads_the_tiles_pixels_from_the_slide(tmp_path):
-    from histoclip.demo.synth import write_pyramid_tiff
+    from histoclip.demo import write_pyramid_tiff
     from histoclip.tiling.grid import TilingParams, run_tiling
 
     rgb = np.full((512, 512, 3), 240, np.uint8)

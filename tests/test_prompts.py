@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from histoclip.demo.synth import CAPTION_TEMPLATES, CLASS_SYNONYMS, SUBTYPES
+from histoclip.demo import CLASS_SYNONYMS, SUBTYPES
 from histoclip.errors import InputError
+from histoclip.training.captions import CAPTION_TEMPLATES
 from histoclip.zeroshot.prompts import PLACEHOLDER, PromptSet, load_prompt_set, to_conch_json
 
 PROMPTS = Path(__file__).resolve().parents[1] / "config" / "prompts"

@@ -12,7 +12,7 @@ from sklearn.metrics.pairwise import cosine_similarity
 
 from histoclip import store
 from histoclip.cohort.aggregation import aggregate_slides
-from histoclip.demo.synth import write_pyramid_tiff
+from histoclip.demo import write_pyramid_tiff
 from histoclip.errors import InputError
 from histoclip.plots import FigureStyle
 from histoclip.tiling.grid import TilingParams, run_tiling

@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from histoclip.demo.synth import write_pyramid_tiff
+from histoclip.demo import write_pyramid_tiff
 from histoclip.embedding.embed import SlideJob, embed_shard
 from histoclip.embedding.models import ModelSpec, load_model
 from histoclip.sheets import SlideRecord

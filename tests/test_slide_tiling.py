@@ -11,7 +11,7 @@ import openslide
 import pytest
 import tifffile
 
-from histoclip.demo.synth import write_pyramid_tiff
+from histoclip.demo import write_pyramid_tiff
 from histoclip.errors import SlideError
 from histoclip.store import read_metadata
 from histoclip.tiling import slide as wsi

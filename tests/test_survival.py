@@ -488,7 +488,7 @@ def test_phenotype_composition_terms(tmp_path: Path, transform: str) -> None:
 
 @pytest.fixture(scope="module")
 def demo_clinical(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from histoclip.demo.synth import make_demo_cohort
+    from histoclip.demo import make_demo_cohort
 
     return make_demo_cohort(tmp_path_factory.mktemp("demo"), seed=0).clinical
 

@@ -17,8 +17,7 @@ import pandas as pd
 import pytest
 import tifffile
 
-from histoclip.demo import synth
-from histoclip.demo.synth import (
+from histoclip.demo import (
     CLASS_MAP_DOWNSAMPLE,
     SUBTYPES,
     TISSUE_CLASSES,
@@ -27,6 +26,7 @@ from histoclip.demo.synth import (
     make_demo_cohort,
     read_class_map,
     tile_classes,
+    write_class_map,
     write_large_slide,
     write_pyramid_tiff,
 )
@@ -256,7 +256,7 @@ def test_tile_classes_reads_the_map(tmp_path: Path) -> None:
     label = np.zeros((64, 64), np.uint8)
     label[:, 32:] = TISSUE_CLASSES.index("stroma")
     path = tmp_path / "map.png"
-    synth._write_class_map(path, label)
+    write_class_map(path, label)
     got = tile_classes(path, [0, 200, 10_000], [0, 0, 0], 16)
     assert list(got) == ["background", "stroma", "background"]
     assert tile_classes(path, 200, 0, 16).shape == () and str(tile_classes(path, 200, 0, 16)) == "stroma"

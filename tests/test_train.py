@@ -15,19 +15,13 @@ import pandas as pd
 import pytest
 import torch
 
-from histoclip.demo.synth import make_demo_cohort
+from histoclip.demo import demo_pairs, make_demo_cohort, prompts_from_synonyms
 from histoclip.embedding.models import ModelSpec, load_model
 from histoclip.errors import InputError
 from histoclip.tiling.grid import TilingParams, run_tiling
-from histoclip.training.train import (
-    TrainSettings,
-    demo_pairs,
-    image_folder_pairs,
-    pair_kind,
-    prompts_from_synonyms,
-    read_pairs,
-    train_clip,
-)
+from histoclip.training.loop import train_clip
+from histoclip.training.pairs import image_folder_pairs, pair_kind, read_pairs
+from histoclip.training.settings import TrainSettings
 
 TINY = {
     "embed_dim": 32,
@@ -125,15 +119,15 @@ def test_read_pairs_errors_name_file_row_and_fix(cohort, tmp_path):
 
 
 def test_time_budget_schedule_follows_steps_not_the_clock():
-    from histoclip.training.train import _lr_at, _Progress
+    from histoclip.training.schedule import Progress, lr_at
 
     settings = TrainSettings(max_seconds=100, warmup_fraction=0.1)
-    schedule = _Progress(None, deadline=100.0, started=0.0)
+    schedule = Progress(None, deadline=100.0, started=0.0)
     now, lrs = 0.0, []
     for step in range(10_000):
         if now >= 100.0:
             break
-        lrs.append(_lr_at(schedule.before_step(step, now), settings))
+        lrs.append(lr_at(schedule.before_step(step, now), settings))
         now += 5.0 if now < 40 else 0.5  # 8 slow steps (a busy machine), then 120 fast ones
         schedule.after_step(now)
     assert len(lrs) == 128

@@ -1,0 +1,65 @@
+"""The coarse layout of a demo slide: tissue pieces on glass, then blob-shaped class regions (the class map)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from histoclip.demo.classes import CLASS_MAP_DOWNSAMPLE, FAT, LYMPHOCYTES, NECROSIS, STROMA
+from histoclip.demo.noise import smooth_noise, upsample
+
+
+def slide_layout(
+    rng: np.random.Generator, slide_px: int, mpp: float, necrosis_target: float, subtype: int
+) -> np.ndarray:
+    """The true class map at 1/CLASS_MAP_DOWNSAMPLE: tissue pieces on glass, then class regions.
+
+    Class regions are superlevel sets of smooth random fields, allocated greedily by quantile so each
+    class gets exactly its drawn share of the tissue (necrosis: ``necrosis_target``); the tumour
+    subtype takes what is left.
+    """
+    m = slide_px // CLASS_MAP_DOWNSAMPLE
+    g = max(slide_px // 16, 32)
+    yy, xx = np.mgrid[0:g, 0:g].astype(np.float32) / g
+    field = np.zeros((g, g), np.float32)
+    n_pieces = int(rng.choice([1, 2, 3], p=[0.45, 0.35, 0.2]))
+    for _ in range(n_pieces):
+        cy, cx = rng.uniform(0.3, 0.7, 2) if n_pieces == 1 else rng.uniform(0.22, 0.78, 2)
+        ry, rx = rng.uniform(0.16, 0.3, 2) / math.sqrt(n_pieces) * 1.2
+        a = rng.uniform(0, np.pi)
+        u = (yy - cy) * math.cos(a) + (xx - cx) * math.sin(a)
+        v = -(yy - cy) * math.sin(a) + (xx - cx) * math.cos(a)
+        field += np.exp(-0.5 * ((u / ry) ** 2 + (v / rx) ** 2))
+    field += 0.22 * smooth_noise(rng, (g, g), g / 14)
+    edge = np.minimum(np.minimum(yy, 1 - yy), np.minimum(xx, 1 - xx))
+    field *= np.clip(edge / 0.08, 0, 1)
+    fine = upsample(field, (m, m))
+    tissue_target = rng.uniform(0.42, 0.62)
+    tissue = fine > np.quantile(fine, 1 - tissue_target)
+
+    label = np.zeros((m, m), np.uint8)
+    label[tissue] = subtype
+    remaining = tissue.copy()
+    n_tissue = int(tissue.sum())
+    region_sigma = 90.0 / (16 * mpp) * (slide_px / 16) / g  # ~90 µm correlation -> blobs of 200-500 µm
+    shares = [
+        (NECROSIS, necrosis_target),
+        (FAT, rng.uniform(0.05, 0.1)),
+        (LYMPHOCYTES, rng.uniform(0.07, 0.13)),
+        (STROMA, rng.uniform(0.14, 0.22)),
+    ]
+    for cls, share in shares:
+        k = int(round(share * n_tissue))
+        if k <= 0:
+            continue
+        class_field = upsample(smooth_noise(rng, (g, g), region_sigma), (m, m))
+        values = class_field[remaining]
+        if k >= values.size:
+            chosen = remaining.copy()
+        else:
+            threshold = np.partition(values, values.size - k)[values.size - k]
+            chosen = remaining & (class_field >= threshold)
+        label[chosen] = cls
+        remaining &= ~chosen
+    return label
