@@ -79,6 +79,12 @@ def slide_tiling_settings(slide_ids):
     return {slide: {"patient_id": records[slide].patient_id, "sheet_mpp": records[slide].mpp} for slide in slide_ids}
 
 
+def config_part(section, keys):
+    """A rule's settings param: ``keys`` of config ``section`` and the seed, at their config paths, which is what
+    every ``Settings.from_config`` of the library reads (so the seed reaches every script one way)."""
+    return {"seed": config["seed"], section: dict(keys)}
+
+
 def tile_files(wildcards=None):
     return expand("results/tiles/{slide}.parquet", slide=slide_ids())
 
@@ -221,7 +227,7 @@ def training_inputs(wildcards):
 
 def figure_style(wildcards=None):
     """The shared figure style (config key ``figures``, style keys only): a params entry of every figure rule."""
-    return {k: config["figures"][k] for k in ("width_in", "height_in", "dpi", "font_size", "formats")}
+    return {"figures": {k: config["figures"][k] for k in ("width_in", "height_in", "dpi", "font_size", "formats")}}
 
 
 def figure_outputs(stem, *, caption, category, subcategory=None, name=None, labels=None):
@@ -266,7 +272,7 @@ def zeroshot_call_settings():
     """The zeroshot keys of a slide call (histoclip.zeroshot.calls.CallSettings) and the seed; the prompt-sensitivity
     keys are only params of the rules that use them, so changing them re-runs nothing else."""
     skip = {"prompt_sets", "n_subsets", "template_fraction", "synonym_fraction"}
-    return {k: v for k, v in config["zeroshot"].items() if k not in skip} | {"seed": config["seed"]}
+    return config_part("zeroshot", {k: v for k, v in config["zeroshot"].items() if k not in skip})
 
 
 # Aggregation, few-shot and prompt sensitivity
@@ -303,14 +309,14 @@ def slide_tables(wildcards=None):
 
 
 def fewshot_settings(wildcards=None):
-    return dict(config["fewshot"]) | {"seed": config["seed"]}
+    return config_part("fewshot", config["fewshot"])
 
 
 def prompt_sensitivity_settings(wildcards=None):
     """Zero-shot call settings plus the subset draws: what decides the prompt-sensitivity numbers."""
     keys = ("pooling", "top_k", "lse_temperature", "abstain_margin")
     keys += ("n_subsets", "template_fraction", "synonym_fraction")
-    return {k: config["zeroshot"][k] for k in keys} | {"seed": config["seed"]}
+    return config_part("zeroshot", {k: config["zeroshot"][k] for k in keys})
 
 
 def fewshot_outputs(wildcards=None):
@@ -470,11 +476,11 @@ def survival_figures(wildcards=None):
 
 
 def phenotype_settings(wildcards=None):
-    return {**config["phenotypes"], "seed": config["seed"]}
+    return config_part("phenotypes", config["phenotypes"])
 
 
 def clustering_settings(wildcards=None):
-    return {**config["clustering"], "seed": config["seed"]}
+    return config_part("clustering", config["clustering"])
 
 
 def phenotype_classifiers(wildcards):

@@ -50,7 +50,7 @@ class FigureStyle:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> FigureStyle:
-        """The style keys of ``figures`` (its ``evidence`` key: :class:`histoclip.zeroshot.evidence.EvidenceOptions`)."""
+        """The style keys of ``figures`` (its ``evidence`` key: histoclip.zeroshot.evidence.EvidenceOptions)."""
         figures = config["figures"]
         return cls(
             width_in=figures["width_in"],

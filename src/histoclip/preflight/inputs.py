@@ -131,7 +131,6 @@ def check_prompts(
     return problems
 
 
-
 def check_outputs(results_dir: str | Path) -> list[Problem]:
     """The results folder can be written to, atomically, and has some room."""
     folder = Path(results_dir)

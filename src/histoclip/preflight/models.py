@@ -263,4 +263,3 @@ def check_training(trained: str, config: Mapping[str, Any], search_dirs: Sequenc
             )
         )
     return problems
-

@@ -213,4 +213,3 @@ def check_slides(
         return [check_slide(record, settings) for record in records]
     with ThreadPoolExecutor(max_workers=threads) as pool:
         return list(pool.map(lambda record: check_slide(record, settings), records))
-

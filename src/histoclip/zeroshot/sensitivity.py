@@ -366,4 +366,3 @@ def plot_prompt_sensitivity(
         ax.set_title(title or "Prompt sensitivity")
         ax.legend(loc="lower right", frameon=False)
     return save_figure(figure, stem, style, data=table, title=title)
-
