@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from histoclip.config import load_schema, load_yaml, validate_config
+from histoclip.config import default_config, load_schema, load_yaml, validate_config
 from histoclip.errors import InputError
 
 
@@ -87,7 +87,7 @@ def test_tissue_schema_defaults_are_the_library_defaults():
 
     tissue = validate_config({})["tissue"]
     assert tissue.pop("mpp") == 8.0
-    assert tissue == asdict(TissueParams())
+    assert tissue == asdict(TissueParams.from_config(default_config()))
 
 
 def test_tiling_schema_defaults_are_the_library_defaults():
@@ -97,4 +97,4 @@ def test_tiling_schema_defaults_are_the_library_defaults():
 
     tiling = validate_config({})["tiling"]
     jobs = {key: tiling.pop(key) for key in ("shard_size", "threads")}  # how jobs are cut, not the grid
-    assert tiling == asdict(TilingParams()) and jobs == {"shard_size": 50, "threads": 4}
+    assert tiling == asdict(TilingParams.from_config(default_config())) and jobs == {"shard_size": 50, "threads": 4}

@@ -4,11 +4,13 @@ whose slide file and settings are unchanged (Snakemake deletes a failed or re-ru
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from bad_slides import blank_slide, good_slide, truncated_slide
 
+from histoclip.config import default_config
 from histoclip.errors import InputErrors, SlideError
 from histoclip.store import finished_path, read_metadata
 from histoclip.tiling.grid import TilingParams, run_tiling
@@ -58,7 +60,11 @@ def test_a_shard_writes_what_tiling_each_slide_alone_writes(tmp_path, slides, th
     report = tile_shard(jobs, threads=threads)
     assert sorted(report.tiled) == sorted(slides) and report.reused == [] and not report.errors
     for job in jobs:
-        own = {"patient_id": job.settings["patient_id"], "params": TilingParams(**TILING), "qc_thumbnail_px": 256}
+        own = {
+            "patient_id": job.settings["patient_id"],
+            "params": replace(TilingParams.from_config(default_config()), **TILING),
+            "qc_thumbnail_px": 256,
+        }
         alone = run_tiling(job.path, job.slide_id, tmp_path / "alone.parquet", tmp_path / "alone.png", **own)
         meta = read_metadata(job.tiles_out)
         assert meta["n_tiles"] == alone["n_tiles"] > 0 and meta["patient_id"] == f"P{job.slide_id}"
