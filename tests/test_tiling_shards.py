@@ -4,7 +4,6 @@ whose slide file and settings are unchanged (Snakemake deletes a failed or re-ru
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ TILING = {"target_mpp": 0.5, "tile_px": 64, "overlap_px": 0, "min_tissue_fractio
 SETTINGS = {
     "on_slide_error": "fail",
     "tiling": TILING,
-    "tissue": {"mpp": 8.0},
+    "tissue": default_config()["tissue"],  # the whole section, as the tile rule passes it
     "mpp": {"min": 0.05, "max": 20.0},
     "qc_thumbnail_px": 256,
     "sheet_mpp": None,
@@ -62,7 +61,7 @@ def test_a_shard_writes_what_tiling_each_slide_alone_writes(tmp_path, slides, th
     for job in jobs:
         own = {
             "patient_id": job.settings["patient_id"],
-            "params": replace(TilingParams.from_config(default_config()), **TILING),
+            "params": TilingParams.from_config({"tiling": TILING}),
             "qc_thumbnail_px": 256,
         }
         alone = run_tiling(job.path, job.slide_id, tmp_path / "alone.parquet", tmp_path / "alone.png", **own)
