@@ -117,7 +117,7 @@ def main() -> None:
 
     from histoclip.cohort.clustering import ClusteringSettings, SlideFeatures, cluster_slides
     from histoclip.cohort.phenotypes import PhenotypeSettings, phenotype_columns, run_phenotypes
-    from histoclip.config import validate_config
+    from histoclip.config import default_config
 
     plain = not args.dictionary_embeddings
     cohort = args.data / ("embeddings-plain" if plain else "embeddings")
@@ -127,10 +127,9 @@ def main() -> None:
         return
     files = sorted(cohort.glob("slide*.parquet"))
     ids = [f.stem for f in files]
-    config = validate_config({})
-    phenotype_config = dict(config["phenotypes"]) | ({"k": args.k} if args.k else {})
-    settings = PhenotypeSettings.from_config(phenotype_config, args.seed)
-    clustering = ClusteringSettings.from_config(config["clustering"], args.seed)
+    config = default_config({"seed": args.seed, "phenotypes": {"k": args.k} if args.k else {}})
+    settings = PhenotypeSettings.from_config(config)
+    clustering = ClusteringSettings.from_config(config)
     out = args.data / "out"
     shutil.rmtree(out, ignore_errors=True)
     load = os.getloadavg()
@@ -176,7 +175,7 @@ def main() -> None:
                 "threads": args.threads,
                 "load_average_at_start": [round(v, 2) for v in load],
                 "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
-                "phenotypes": {"k": settings.k, "sample_tiles": result.model.n_sample, **phenotype_config},
+                "phenotypes": {"k": settings.k, "sample_tiles": result.model.n_sample, **config["phenotypes"]},
                 "phenotype_s": round(phenotype_s, 1),
                 "phenotype_steps_s": {k: round(v, 1) for k, v in result.timings.items()},
                 "assigned_tiles_per_s": round(n_tiles / result.timings["assign_s"]),

@@ -28,7 +28,7 @@ import torch
 from histoclip.demo import write_large_slide
 from histoclip.embedding.embed import SlideJob, TileBatches, embed_shard, resolve_batch_size, resolve_workers
 from histoclip.embedding.models import ModelSpec, load_model
-from histoclip.tiling.grid import TilingParams, run_tiling
+from histoclip.tiling.grid import run_tiling
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def main() -> None:
         tmp = Path(tmp)
         slide = tmp / "slide.tiff"
         write_large_slide(slide, level0_px=args.level0_px, mpp=0.5, tissue_fraction=0.6)
-        meta = run_tiling(slide, "bench", tmp / "tiles.parquet", tmp / "qc.png", params=TilingParams())
+        meta = run_tiling(slide, "bench", tmp / "tiles.parquet", tmp / "qc.png")
         if meta["n_tiles"] < args.min_tiles:
             raise SystemExit(f"only {meta['n_tiles']} tiles; raise --level0-px")
         job = SlideJob.from_tile_file(tmp / "tiles.parquet", tmp / "emb" / "bench.parquet")

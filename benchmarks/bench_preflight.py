@@ -27,7 +27,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from histoclip.config import load_yaml  # noqa: E402
+from histoclip.config import default_config, load_yaml  # noqa: E402
 from histoclip.demo import write_pyramid_tiff  # noqa: E402
 from histoclip.preflight import SlideSettings, check_sheet, check_slides, run_preflight  # noqa: E402
 
@@ -73,7 +73,7 @@ def main() -> None:
         sheet_seconds = time.perf_counter() - start
         assert len(records) == args.slides and not problems, problems
 
-        settings = SlideSettings()
+        settings = SlideSettings.from_config(default_config())
         check_slides(records[: len(sources)], settings, 1)  # warm the page cache and the imports
         start = time.perf_counter()
         checks = check_slides(records, settings, args.threads)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from histoclip.demo import write_large_slide
-from histoclip.tiling.grid import TilingParams, tile_slide
+from histoclip.tiling.grid import tile_slide
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
         timings = []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            tiling = tile_slide(path, "large", params=TilingParams())
+            tiling = tile_slide(path, "large")
             timings.append(time.perf_counter() - start)
         print(
             json.dumps(

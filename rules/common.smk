@@ -90,9 +90,15 @@ def prompt_set_names():
     return [Path(p).stem if p.endswith((".yaml", ".yml", ".json")) else p for p in config["zeroshot"]["prompt_sets"]]
 
 
+def config_part(section, keys):
+    """A rule's settings param: ``keys`` of config ``section`` and the seed, at their config paths, which is what
+    every ``Settings.from_config`` of the library reads (so the seed reaches every script one way)."""
+    return {"seed": config["seed"], section: dict(keys)}
+
+
 def figure_style(wildcards=None):
     """The shared figure style (config key ``figures``, style keys only): a params entry of every figure rule."""
-    return {k: config["figures"][k] for k in ("width_in", "height_in", "dpi", "font_size", "formats")}
+    return {"figures": {k: config["figures"][k] for k in ("width_in", "height_in", "dpi", "font_size", "formats")}}
 
 
 def figure_outputs(stem, *, caption, category, subcategory=None, name=None, labels=None):

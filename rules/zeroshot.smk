@@ -172,7 +172,7 @@ for _model, _promptset, _shard, _slides in evidence_shard_rules():
             thumbnails=[f"results/qc/{slide}.png" for slide in _slides],
             slide_files=slide_files(_slides),
             style=figure_style,
-            options=config["figures"]["evidence"],
+            options={"figures": {"evidence": config["figures"]["evidence"]}},
             zeroshot={"pooling": config["zeroshot"]["pooling"], "top_k": config["zeroshot"]["top_k"]},
         log:
             f"results/logs/zeroshot_evidence/{_model}/{_promptset}/{_shard}.log",

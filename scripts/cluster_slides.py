@@ -15,8 +15,7 @@ from histoclip.logs import rule_log
 from histoclip.sheets import read_cohort_sheet
 
 with rule_log(snakemake.log[0], "histoclip.cohort.clustering") as log:
-    settings = dict(snakemake.params.settings)
-    settings = ClusteringSettings.from_config(settings, settings.pop("seed"))
+    settings = ClusteringSettings.from_config(snakemake.params.settings)
     if hasattr(snakemake.input, "composition"):
         features = composition_features(snakemake.input.composition)
     elif hasattr(snakemake.input, "slide_embeddings"):

@@ -7,9 +7,8 @@ from histoclip.plots import FigureStyle, write_tsv
 from histoclip.zeroshot.fewshot import FewShotSettings, plot_fewshot, run_fewshot
 
 with rule_log(snakemake.log[0], "histoclip.zeroshot.fewshot") as log:
-    config = dict(snakemake.params.settings)
-    column = config.pop("embedding_column")
-    settings = FewShotSettings(**config)
+    settings = FewShotSettings.from_config(snakemake.params.settings)
+    column = snakemake.params.settings["fewshot"]["embedding_column"]
     results, summary, facts = run_fewshot(
         snakemake.input.slides, snakemake.input.calls, settings, embedding_column=column
     )

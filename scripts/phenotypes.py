@@ -11,8 +11,6 @@ from histoclip.zeroshot.calls import read_text_classifier
 with rule_log(snakemake.log[0], "histoclip.cohort.phenotypes") as log:
     records = {r.slide_id: r for r in read_cohort_sheet(snakemake.params.sheet)}
     slides = list(snakemake.params.slides)
-    settings = dict(snakemake.params.settings)
-    seed = settings.pop("seed")
     classifiers = {
         name: read_text_classifier(path)
         for name, path in zip(snakemake.params.prompt_sets, snakemake.input.classifiers, strict=True)
@@ -22,7 +20,7 @@ with rule_log(snakemake.log[0], "histoclip.cohort.phenotypes") as log:
         [records[s].patient_id for s in slides],
         embedding_paths(snakemake.input.embeddings, snakemake.params.slides),
         snakemake.output.assignments.rsplit("/", 1)[0],
-        PhenotypeSettings.from_config(settings, seed),
+        PhenotypeSettings.from_config(snakemake.params.settings),
         classifiers,
         threads=snakemake.threads,
     )

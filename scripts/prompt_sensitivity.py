@@ -28,7 +28,7 @@ with rule_log(snakemake.log[0], "histoclip.zeroshot.sensitivity") as log:
         snakemake.input.calls,
         dict(zip(slides, embedding_paths(snakemake.input.embeddings, slides), strict=True)),
         (stored.classes, stored.weights),
-        SensitivitySettings(**snakemake.params.settings),
+        SensitivitySettings.from_config(snakemake.params.settings),
     )
     summary["model_name"] = model.spec.name
     write_prompt_sensitivity(summary, table, snakemake.output.json, snakemake.output.table)

@@ -14,6 +14,6 @@ with rule_log(snakemake.log[0], "histoclip.zeroshot.classifier") as log:
         embedding_paths(snakemake.input.embeddings, snakemake.params.slides),
         read_text_classifier(snakemake.input.classifier),
         snakemake.output.tile_scores.rsplit("/", 1)[0],
-        CallSettings(**snakemake.params.settings),
+        CallSettings.from_config(snakemake.params.settings),
     )
     log.info("%d slides called, %d abstained", int((calls["call"] != "").sum()), int(calls["abstain"].sum()))

@@ -13,7 +13,7 @@ from histoclip.zeroshot.evidence import EvidenceOptions, slide_evidence
 with rule_log(snakemake.log[0], "histoclip.zeroshot.evidence") as log:
     calls = pd.read_csv(snakemake.input.calls, sep="\t", dtype={"slide_id": str, "call": str, "label": str})
     calls = calls.set_index("slide_id", drop=False)
-    options = EvidenceOptions(**snakemake.params.options)
+    options = EvidenceOptions.from_config(snakemake.params.options)
     called = [c[len("p_") :] for c in calls.columns if c.startswith("p_")]
     settings = snakemake.params.zeroshot
     style = replace(FigureStyle.from_config(snakemake.params.style), formats=("png",))

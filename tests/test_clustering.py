@@ -28,6 +28,7 @@ from histoclip.cohort.clustering import (
     slide_map_figure,
     write_clustering,
 )
+from histoclip.config import default_config
 from histoclip.errors import InputError
 from histoclip.plots import FigureStyle, save_figure
 
@@ -77,7 +78,12 @@ def test_cluster_slides_auto_k_summary_and_slides_without_tiles(tmp_path):
     values, truth = blobs(n=60, k=3, seed=4)
     values = np.vstack([values, np.full((1, 8), np.nan)])
     slide = features(values, n_tiles=[10] * 60 + [0])
-    table, summary = cluster_slides(slide, ClusteringSettings(k="auto", k_min=2, k_max=6, bootstrap=10, n_init=3))
+    table, summary = cluster_slides(
+        slide,
+        ClusteringSettings.from_config(
+            default_config({"clustering": {"k": "auto", "k_min": 2, "k_max": 6, "bootstrap": 10, "n_init": 3}})
+        ),
+    )
     assert summary["k"] == 3 and summary["k_chosen_by"].startswith("silhouette")
     assert set(summary["silhouette"]) == {"2", "3", "4", "5", "6"}
     assert summary["stability"]["ari_median"] > 0.95 and summary["stability"]["n_bootstrap"] == 10
@@ -93,13 +99,15 @@ def test_cluster_slides_auto_k_summary_and_slides_without_tiles(tmp_path):
 
 def test_fixed_k_and_bad_k():
     values, _ = blobs(n=30, k=2)
-    table, summary = cluster_slides(features(values), ClusteringSettings(k=2, bootstrap=0))
+    table, summary = cluster_slides(
+        features(values), ClusteringSettings.from_config(default_config({"clustering": {"k": 2, "bootstrap": 0}}))
+    )
     assert (
         summary["k"] == 2 and summary["k_chosen_by"].startswith("fixed") and summary["stability"]["ari_median"] is None
     )
     assert set(summary["silhouette"]) == {"2"}
     with pytest.raises(InputError, match="clustering.k"):
-        cluster_slides(features(values[:3]), ClusteringSettings(k=5))
+        cluster_slides(features(values[:3]), ClusteringSettings.from_config(default_config({"clustering": {"k": 5}})))
 
 
 def test_slide_embeddings_from_tiles_and_from_the_aggregation_file(tmp_path):
@@ -170,10 +178,12 @@ def test_map_and_figure_source_data(tmp_path):
     tsne, tsne_names = map_coordinates(values, "tsne")
     assert tsne.shape == (40, 2) and tsne_names[0].startswith("t-SNE")
     slide = features(np.vstack([values, np.full((1, 5), np.nan)]), n_tiles=[3] * 40 + [0])
-    table, summary = cluster_slides(slide, ClusteringSettings(k=2, bootstrap=0))
+    table, summary = cluster_slides(
+        slide, ClusteringSettings.from_config(default_config({"clustering": {"k": 2, "bootstrap": 0}}))
+    )
     np.testing.assert_allclose(table[["map_1", "map_2"]].to_numpy()[:40], coords, atol=1e-8)
     assert table[["map_1", "map_2"]].iloc[-1].isna().all() and summary["map"]["axes"] == names
-    style = FigureStyle(dpi=50, formats=("png",))
+    style = FigureStyle.from_config(default_config({"figures": {"dpi": 50, "formats": ["png"]}}))
     colourings = {"cluster": table["cluster"].tolist(), "label": [str(t) for t in truth] + [None]}
     figure, data = slide_map_figure(table, colourings, style, summary["map"]["axes"])
     written = save_figure(figure, tmp_path / "map", style, data=data)
@@ -187,9 +197,12 @@ def test_map_and_figure_source_data(tmp_path):
 
 def test_a_pilot_cohort_too_small_for_auto_k_is_one_cluster_and_no_tiles_at_all_is_an_error():
     values, _ = blobs(n=2, k=1)
-    table, summary = cluster_slides(features(values, n_tiles=[10, 10]), ClusteringSettings(k="auto", bootstrap=5))
+    table, summary = cluster_slides(
+        features(values, n_tiles=[10, 10]),
+        ClusteringSettings.from_config(default_config({"clustering": {"k": "auto", "bootstrap": 5}})),
+    )
     assert summary["k"] == 1 and "too few" in summary["k_chosen_by"]
     assert table["cluster"].tolist() == [0, 0]
     empty = features(np.full((2, 8), np.nan), n_tiles=[0, 0])
     with pytest.raises(InputError, match="no slide has tiles"):
-        cluster_slides(empty, ClusteringSettings(k="auto"))
+        cluster_slides(empty, ClusteringSettings.from_config(default_config({"clustering": {"k": "auto"}})))

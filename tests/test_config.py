@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import MISSING, fields
+
 import pytest
 
-from histoclip.config import load_schema, load_yaml, validate_config
+from histoclip.config import default_config, load_schema, load_yaml, validate_config
 from histoclip.errors import InputError
 
 
@@ -87,7 +89,7 @@ def test_tissue_schema_defaults_are_the_library_defaults():
 
     tissue = validate_config({})["tissue"]
     assert tissue.pop("mpp") == 8.0
-    assert tissue == asdict(TissueParams())
+    assert tissue == asdict(TissueParams.from_config(default_config()))
 
 
 def test_tiling_schema_defaults_are_the_library_defaults():
@@ -97,4 +99,84 @@ def test_tiling_schema_defaults_are_the_library_defaults():
 
     tiling = validate_config({})["tiling"]
     jobs = {key: tiling.pop(key) for key in ("shard_size", "threads")}  # how jobs are cut, not the grid
-    assert tiling == asdict(TilingParams()) and jobs == {"shard_size": 50, "threads": 4}
+    assert tiling == asdict(TilingParams.from_config(default_config())) and jobs == {"shard_size": 50, "threads": 4}
+
+
+def _code_defaults(cls: type) -> dict[str, object]:
+    """The defaults a dataclass writes itself, by field name."""
+    out: dict[str, object] = {}
+    for f in fields(cls):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def _same(a: object, b: object) -> bool:
+    return (list(a) if isinstance(a, tuple) else a) == (list(b) if isinstance(b, tuple) else b)
+
+
+def test_settings_objects_take_every_config_default_from_the_schema():
+    """Defaults live in the schema only: no settings dataclass gives a config key a default of its own, and
+    from_config of the defaults gives the schema's values (field names are config keys)."""
+    from histoclip.cohort.clustering import ClusteringSettings
+    from histoclip.cohort.phenotypes import PhenotypeSettings
+    from histoclip.plots import FigureStyle
+    from histoclip.preflight import SlideSettings
+    from histoclip.tiling.grid import TilingParams
+    from histoclip.tiling.slide import MppRange
+    from histoclip.tiling.tissue import TissueParams
+    from histoclip.zeroshot.calls import CallSettings
+    from histoclip.zeroshot.evidence import EvidenceOptions
+    from histoclip.zeroshot.fewshot import FewShotSettings
+    from histoclip.zeroshot.sensitivity import SensitivitySettings
+
+    config = default_config()
+    sections = {
+        TilingParams: config["tiling"],
+        TissueParams: config["tissue"],
+        MppRange: config["mpp"],
+        CallSettings: config["zeroshot"],
+        SensitivitySettings: config["zeroshot"],
+        PhenotypeSettings: config["phenotypes"],
+        ClusteringSettings: config["clustering"],
+        FewShotSettings: config["fewshot"],
+        FigureStyle: config["figures"],
+        EvidenceOptions: config["figures"]["evidence"],
+        SlideSettings: {"on_slide_error": config["on_slide_error"]},
+    }
+    for cls, section in sections.items():
+        repeated = set(_code_defaults(cls)) & {*section, "seed"}
+        assert not repeated, f"{cls.__name__} repeats the schema's default of {sorted(repeated)}"
+        built = cls.from_config(config)
+        for f in fields(cls):
+            if f.name in section:
+                assert _same(getattr(built, f.name), section[f.name]), (cls.__name__, f.name)
+            if f.name == "seed":
+                assert built.seed == config["seed"], cls.__name__
+
+
+def test_defaults_left_in_code_agree_with_the_schema():
+    """Defaults still written in code (a model entry's optional keys, which the schema describes without a
+    default; survival and training settings) must equal the schema's wherever it has one for the same key."""
+    from histoclip.embedding.models import ModelSpec
+    from histoclip.survival.endpoints import Endpoint
+    from histoclip.survival.settings import SurvivalSettings
+    from histoclip.training.settings import TrainSettings
+
+    schema = load_schema()["properties"]
+    entries = {
+        ModelSpec: schema["models"]["additionalProperties"],
+        SurvivalSettings: schema["survival"],
+        Endpoint: schema["survival"]["properties"]["endpoints"]["additionalProperties"],
+        TrainSettings: schema["training"]["additionalProperties"],
+    }
+    elsewhere = {"seed": schema["seed"], "abstain_margin": schema["zeroshot"]["properties"]["abstain_margin"]}
+    for cls, node in entries.items():
+        for name, default in _code_defaults(cls).items():
+            prop = node["properties"].get(name) or elsewhere.get(name, {})
+            if "default" in prop:
+                assert _same(default, prop["default"]), (
+                    f"{cls.__name__}.{name} = {default!r}, schema: {prop['default']!r}"
+                )

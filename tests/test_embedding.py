@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from histoclip.config import default_config
 from histoclip.demo import write_pyramid_tiff
 from histoclip.embedding.embed import SlideJob, embed_shard
 from histoclip.embedding.models import ModelSpec, load_model, resolve_device
@@ -59,7 +60,13 @@ def textured_slide(path, side=1024, seed=0, mpp=0.5):
 def tile_file(tmp_path, slide_id, side=1024, seed=0, tile_px=64):
     slide = textured_slide(tmp_path / f"{slide_id}.tiff", side, seed)
     tiles = tmp_path / "tiles" / f"{slide_id}.parquet"
-    run_tiling(slide, slide_id, tiles, tmp_path / "qc" / f"{slide_id}.png", params=TilingParams(tile_px=tile_px))
+    run_tiling(
+        slide,
+        slide_id,
+        tiles,
+        tmp_path / "qc" / f"{slide_id}.png",
+        params=TilingParams.from_config(default_config({"tiling": {"tile_px": tile_px}})),
+    )
     return tiles
 
 
@@ -287,6 +294,12 @@ def test_killed_shard_recomputes_only_unfinished_slides(tiny_config, tmp_path):
         assert resumed.column("embedding").to_pylist() == uninterrupted.column("embedding").to_pylist()
 
     # a changed tile file (re-tiled slide) is not taken from the kept copy
-    run_tiling(tmp_path / "s1-small.tiff", "s1-small", small, tmp_path / "qc.png", params=TilingParams(tile_px=16))
+    run_tiling(
+        tmp_path / "s1-small.tiff",
+        "s1-small",
+        small,
+        tmp_path / "qc.png",
+        params=TilingParams.from_config(default_config({"tiling": {"tile_px": 16}})),
+    )
     report = embed_shard([job_for(small, out)], model, batch_size=8, num_workers=1)
     assert report.computed == ["s1-small"]

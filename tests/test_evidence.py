@@ -11,6 +11,7 @@ from matplotlib.colors import Normalize
 from PIL import Image
 
 from histoclip import store
+from histoclip.config import default_config
 from histoclip.demo import write_pyramid_tiff
 from histoclip.errors import InputError
 from histoclip.plots import FigureStyle
@@ -48,7 +49,13 @@ def tiled(tmp_path_factory):
     rgb = blocky_rgb(768, seed=1)
     slide = tmp / "s.tiff"
     write_pyramid_tiff(slide, rgb, mpp=0.5, downsamples=(1, 2, 4), quality=95)
-    meta = run_tiling(slide, "s", tmp / "s.parquet", tmp / "s.png", params=TilingParams(target_mpp=1.0, tile_px=64))
+    meta = run_tiling(
+        slide,
+        "s",
+        tmp / "s.parquet",
+        tmp / "s.png",
+        params=TilingParams.from_config(default_config({"tiling": {"target_mpp": 1.0, "tile_px": 64}})),
+    )
     return tmp, rgb, slide, meta
 
 
@@ -150,7 +157,7 @@ def test_slide_evidence_shows_the_top_tiles_of_each_class(tiled, tmp_path):
     scores = {c: rng.uniform(0, 1, x.size) for c in ("adenocarcinoma", "squamous", "necrosis")}
     write_scores(tmp_path / "scores.parquet", x, y, scores)
     call = {"slide_id": "s", "call": "squamous", "best": "squamous", "p_squamous": 0.8, "margin": 0.6, "label": "x"}
-    style = FigureStyle(dpi=60, formats=("png",))
+    style = FigureStyle.from_config(default_config({"figures": {"dpi": 60, "formats": ["png"]}}))
     data = slide_evidence(
         slide_path,
         tmp / "s.parquet",
@@ -160,7 +167,7 @@ def test_slide_evidence_shows_the_top_tiles_of_each_class(tiled, tmp_path):
         ["adenocarcinoma", "squamous"],
         call=call,
         top_k=3,
-        options=EvidenceOptions(top_n=3),
+        options=EvidenceOptions.from_config(default_config({"figures": {"evidence": {"top_n": 3}}})),
         style=style,
     )
     written = pd.read_csv(tmp_path / "ev" / "s.tsv", sep="\t")
@@ -188,7 +195,7 @@ def test_slide_evidence_for_a_slide_without_tiles_says_so(tmp_path):
         tmp_path / "missing.png",
         tmp_path / "f",
         ["a"],
-        style=FigureStyle(dpi=50, formats=("png",)),
+        style=FigureStyle.from_config(default_config({"figures": {"dpi": 50, "formats": ["png"]}})),
     )
     assert data.empty and (tmp_path / "f.png").exists() and (tmp_path / "f.tsv").exists()
 

@@ -12,6 +12,7 @@ from sklearn.metrics import balanced_accuracy_score
 
 from histoclip import store
 from histoclip.cohort.aggregation import aggregate_slides
+from histoclip.config import default_config
 from histoclip.errors import InputError
 from histoclip.plots import FigureStyle
 from histoclip.zeroshot.evaluation import evaluated_slides
@@ -62,7 +63,9 @@ def test_scores_and_probe_agree_with_sklearn():
     centres = rng.normal(size=(2, 8))
     pool_x, pool_y = clustered(rng, 10, centres, spread=1.5)
     test_x, test_y = clustered(rng, 15, centres, spread=1.5)
-    settings = FewShotSettings(shots=(1, 3, 5), draws=4, probe_c=0.7, seed=3)
+    settings = FewShotSettings.from_config(
+        default_config({"seed": 3, "fewshot": {"shots": [1, 3, 5], "draws": 4, "probe_c": 0.7}})
+    )
     ids = [f"s{i}" for i in range(len(pool_y))]
     results, notes = fewshot_curve(pool_x, pool_y, test_x, test_y, CLASSES, settings, ids)
     assert notes == {}
@@ -80,7 +83,15 @@ def test_scores_and_probe_agree_with_sklearn():
             expected = balanced_accuracy_score(test_y, np.array(CLASSES)[np.argmax(test_x @ centres.T, axis=1)])
         assert row.balanced_accuracy == pytest.approx(expected, abs=1e-12)
     # the same seed draws the same shots whatever other k are listed; both methods share each draw
-    again, _ = fewshot_curve(pool_x, pool_y, test_x, test_y, CLASSES, FewShotSettings((3,), 4, 0.7, seed=3), ids)
+    again, _ = fewshot_curve(
+        pool_x,
+        pool_y,
+        test_x,
+        test_y,
+        CLASSES,
+        FewShotSettings.from_config(default_config({"seed": 3, "fewshot": {"shots": [3], "draws": 4, "probe_c": 0.7}})),
+        ids,
+    )
     pd.testing.assert_frame_equal(
         again.reset_index(drop=True), results[results["k"] == 3].reset_index(drop=True), check_dtype=False
     )
@@ -93,10 +104,24 @@ def test_separable_classes_are_learnt_and_random_labels_are_not():
     centres = rng.normal(size=(2, 16))
     pool_x, pool_y = clustered(rng, 8, centres, spread=0.3)
     test_x, test_y = clustered(rng, 20, centres, spread=0.3)
-    results, _ = fewshot_curve(pool_x, pool_y, test_x, test_y, CLASSES, FewShotSettings(shots=(4,), draws=5))
+    results, _ = fewshot_curve(
+        pool_x,
+        pool_y,
+        test_x,
+        test_y,
+        CLASSES,
+        FewShotSettings.from_config(default_config({"fewshot": {"shots": [4], "draws": 5}})),
+    )
     assert results["balanced_accuracy"].min() == 1.0
     shuffled = np.random.default_rng(2).permutation(test_y)
-    results, _ = fewshot_curve(pool_x, pool_y, test_x, shuffled, CLASSES, FewShotSettings(shots=(4,), draws=5))
+    results, _ = fewshot_curve(
+        pool_x,
+        pool_y,
+        test_x,
+        shuffled,
+        CLASSES,
+        FewShotSettings.from_config(default_config({"fewshot": {"shots": [4], "draws": 5}})),
+    )
     assert 0.3 < results["balanced_accuracy"].median() < 0.7
 
 
@@ -104,7 +129,14 @@ def test_k_beyond_the_pool_is_skipped_with_a_note():
     rng = np.random.default_rng(2)
     pool_x, pool_y = clustered(rng, 3, rng.normal(size=(2, 8)))
     pool_x, pool_y = pool_x[:-1], pool_y[:-1]  # LUSC: 2 slides
-    results, notes = fewshot_curve(pool_x, pool_y, pool_x, pool_y, CLASSES, FewShotSettings(shots=(1, 2, 4), draws=2))
+    results, notes = fewshot_curve(
+        pool_x,
+        pool_y,
+        pool_x,
+        pool_y,
+        CLASSES,
+        FewShotSettings.from_config(default_config({"fewshot": {"shots": [1, 2, 4], "draws": 2}})),
+    )
     assert sorted(results["k"].unique()) == [1, 2]
     assert list(notes) == [4] and "'LUSC' has 2 training slide(s)" in notes[4]
 
@@ -154,7 +186,7 @@ def cohort(tmp_path):
 
 def test_run_fewshot_uses_the_zero_shot_held_out_slides(cohort):
     tmp, calls = cohort
-    settings = FewShotSettings(shots=(1, 2, 4, 8), draws=3)
+    settings = FewShotSettings.from_config(default_config({"fewshot": {"shots": [1, 2, 4, 8], "draws": 3}}))
     results, summary, facts = run_fewshot(tmp / "slides.parquet", tmp / "calls.tsv", settings)
     held_out = evaluated_slides(calls, CLASSES)
     assert facts["test_slides"] == held_out["slide_id"].tolist()
@@ -171,7 +203,12 @@ def test_run_fewshot_uses_the_zero_shot_held_out_slides(cohort):
         row = summary[(summary["method"] == method) & (summary["k"] == k)].iloc[0]
         assert row["median"] == pytest.approx(group["balanced_accuracy"].median())
         assert (row["min"], row["max"]) == (group["balanced_accuracy"].min(), group["balanced_accuracy"].max())
-    written = plot_fewshot(summary, tmp / "fig" / "curve", FigureStyle(formats=("png",)), chance=0.5)
+    written = plot_fewshot(
+        summary,
+        tmp / "fig" / "curve",
+        FigureStyle.from_config(default_config({"figures": {"formats": ["png"]}})),
+        chance=0.5,
+    )
     assert [p.name for p in written] == ["curve.png", "curve.tsv"]
     figure_data = pd.read_csv(tmp / "fig" / "curve.tsv", sep="\t")
     assert "skipped" not in set(figure_data["method"]) and "zeroshot" in set(figure_data["method"])
@@ -181,10 +218,10 @@ def test_unlabelled_cohort_is_refused(cohort):
     tmp, calls = cohort
     store.write_text_atomic(tmp / "nolabel.tsv", calls.drop(columns=["label"]).to_csv(sep="\t", index=False))
     with pytest.raises(InputError, match="add `label`"):
-        run_fewshot(tmp / "slides.parquet", tmp / "nolabel.tsv", FewShotSettings())
+        run_fewshot(tmp / "slides.parquet", tmp / "nolabel.tsv", FewShotSettings.from_config(default_config()))
     store.write_text_atomic(tmp / "notrain.tsv", calls.assign(split="test").to_csv(sep="\t", index=False))
     with pytest.raises(InputError, match="split = train"):
-        run_fewshot(tmp / "slides.parquet", tmp / "notrain.tsv", FewShotSettings())
+        run_fewshot(tmp / "slides.parquet", tmp / "notrain.tsv", FewShotSettings.from_config(default_config()))
 
 
 def test_patient_in_both_splits_is_warned_about(cohort, caplog):
@@ -196,5 +233,9 @@ def test_patient_in_both_splits_is_warned_about(cohort, caplog):
     files = [tmp / "emb" / f"{s}.parquet" for s in ids]
     aggregate_slides(ids, patients, files, tmp / "shared.parquet")
     with caplog.at_level(logging.WARNING, logger="histoclip.zeroshot.fewshot"):
-        _, _, facts = run_fewshot(tmp / "shared.parquet", tmp / "calls.tsv", FewShotSettings(shots=(1,), draws=1))
+        _, _, facts = run_fewshot(
+            tmp / "shared.parquet",
+            tmp / "calls.tsv",
+            FewShotSettings.from_config(default_config({"fewshot": {"shots": [1], "draws": 1}})),
+        )
     assert facts["patients_in_both_splits"] == ["P0"] and "split the sheet by patient" in caplog.text

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
+from histoclip.config import default_config
 from histoclip.figures import cohort_qc_figure, roc_points, zeroshot_confusion_figure, zeroshot_roc_figure
 from histoclip.plots import FigureStyle, class_colours, new_figure, save_figure
 
@@ -58,7 +59,7 @@ def test_roc_needs_both_positives_and_negatives():
 
 
 def test_confusion_figure_counts_held_out_slides_and_abstentions(calls, tmp_path):
-    style = FigureStyle()
+    style = FigureStyle.from_config(default_config())
     _, data = zeroshot_confusion_figure(calls, style)
     held_out = calls[calls["split"] != "train"]
     answered = held_out[held_out["call"] != ""]
@@ -69,7 +70,7 @@ def test_confusion_figure_counts_held_out_slides_and_abstentions(calls, tmp_path
 
 
 def test_roc_figure_auc_is_scikit_learns_on_held_out_slides(calls):
-    _, points = zeroshot_roc_figure(calls, FigureStyle())
+    _, points = zeroshot_roc_figure(calls, FigureStyle.from_config(default_config()))
     held_out = calls[calls["split"] != "train"]
     auc = points.loc[points["class"] == "lusc", "auc"].iloc[0]
     assert auc == pytest.approx(roc_auc_score(held_out["label"] == "lusc", held_out["p_lusc"]))
@@ -77,7 +78,7 @@ def test_roc_figure_auc_is_scikit_learns_on_held_out_slides(calls):
 
 def test_figures_without_labels_say_so(calls):
     with pytest.raises(ValueError, match="no label column"):
-        zeroshot_confusion_figure(calls.drop(columns="label"), FigureStyle())
+        zeroshot_confusion_figure(calls.drop(columns="label"), FigureStyle.from_config(default_config()))
 
 
 def test_cohort_qc_figure_data_sorted_with_failures():
@@ -92,13 +93,15 @@ def test_cohort_qc_figure_data_sorted_with_failures():
             "mpp_source": ["openslide-metadata", "", "sheet"],
         }
     )
-    _, data = cohort_qc_figure(cohort, FigureStyle())
+    _, data = cohort_qc_figure(cohort, FigureStyle.from_config(default_config()))
     assert data["slide_id"].tolist() == ["c", "a", "b"]
     assert data["n_tiles"].tolist() == [30, 10, 0]
 
 
 def test_save_figure_writes_each_format_with_source_data_and_the_styles_size(tmp_path):
-    style = FigureStyle(width_in=3.0, height_in=2.0, dpi=100, formats=("pdf", "png", "svg"))
+    style = FigureStyle.from_config(
+        default_config({"figures": {"width_in": 3.0, "height_in": 2.0, "dpi": 100, "formats": ["pdf", "png", "svg"]}})
+    )
     with style.context():
         figure = new_figure(style)
         figure.add_subplot(1, 1, 1).plot([0, 1], [1, 0])
@@ -111,7 +114,7 @@ def test_save_figure_writes_each_format_with_source_data_and_the_styles_size(tmp
 
 
 def test_same_figure_twice_gives_identical_files(tmp_path):
-    style = FigureStyle()
+    style = FigureStyle.from_config(default_config())
 
     def draw(stem):
         with style.context():
@@ -126,7 +129,7 @@ def test_same_figure_twice_gives_identical_files(tmp_path):
 
 
 def test_font_size_comes_from_the_style():
-    style = FigureStyle(font_size=13)
+    style = FigureStyle.from_config(default_config({"figures": {"font_size": 13}}))
     with style.context():
         ax = new_figure(style).add_subplot(1, 1, 1)
         label = ax.set_xlabel("x")

@@ -20,11 +20,11 @@ from histoclip.cohort.phenotypes import (
     gallery_figure,
     name_phenotypes,
     phenotype_columns,
-    read_centroids,
     read_gallery_pixels,
     run_phenotypes,
     sample_tiles,
 )
+from histoclip.config import default_config
 from histoclip.errors import InputError
 from histoclip.plots import FigureStyle
 from histoclip.zeroshot.calls import TextClassifier
@@ -69,7 +69,11 @@ def blob_cohort(tmp: Path, n_slides=6, n_tiles=(150, 400), k=4, dim=32, noise=0.
 
 def test_recovers_separated_clusters_and_writes_consistent_outputs(tmp_path):
     ids, files, truth, _ = blob_cohort(tmp_path)
-    settings = PhenotypeSettings(k=4, max_tiles_per_slide=100, batch_size=256, gallery_tiles=5, seed=1)
+    settings = PhenotypeSettings.from_config(
+        default_config(
+            {"seed": 1, "phenotypes": {"k": 4, "max_tiles_per_slide": 100, "batch_size": 256, "gallery_tiles": 5}}
+        )
+    )
     result = run_phenotypes(ids, [f"P{i // 2}" for i in range(len(ids))], files, tmp_path / "out", settings)
     assigned = [pq.read_table(tmp_path / "out" / "assignments" / f"{s}.parquet") for s in ids]
     predicted = np.concatenate([t.column("phenotype").to_numpy() for t in assigned])
@@ -87,9 +91,9 @@ def test_recovers_separated_clusters_and_writes_consistent_outputs(tmp_path):
     phenotypes = pd.read_csv(tmp_path / "out" / "phenotypes.tsv", sep="\t")
     assert phenotypes["n_tiles"].sum() == sum(len(t) for t in truth)
     assert np.all(np.diff(result.model.sample_sizes) <= 0)
-    np.testing.assert_allclose(
-        read_centroids(tmp_path / "out" / "centroids.parquet").centroids, result.model.centroids, atol=1e-6
-    )
+    written = pq.read_table(tmp_path / "out" / "centroids.parquet").column("centroid").combine_chunks()
+    centroids = written.values.to_numpy().reshape(-1, written.type.list_size)
+    np.testing.assert_allclose(centroids, result.model.centroids, atol=1e-6)
     meta = store.read_metadata(tmp_path / "out" / "assignments" / "slide0.parquet")
     assert meta["slide_id"] == "slide0" and meta["k"] == 4 and meta["model_weights_sha256"] == SHA
     means = [pq.read_table(f).column("embedding").combine_chunks().values.to_numpy() for f in files]
@@ -108,7 +112,9 @@ def test_recovers_separated_clusters_and_writes_consistent_outputs(tmp_path):
 def test_streaming_assignment_equals_in_memory_nearest_centroid(tmp_path):
     # overlapping clusters, so that the test is about the streaming (files, order, dtypes), not easy geometry
     ids, files, _, _ = blob_cohort(tmp_path, n_slides=5, noise=0.6, seed=3)
-    settings = PhenotypeSettings(k=5, max_tiles_per_slide=60, batch_size=128, seed=0)
+    settings = PhenotypeSettings.from_config(
+        default_config({"seed": 0, "phenotypes": {"k": 5, "max_tiles_per_slide": 60, "batch_size": 128}})
+    )
     result = run_phenotypes(ids, ids, files, tmp_path / "out", settings)
     everything = np.concatenate(
         [pq.read_table(f).column("embedding").combine_chunks().values.to_numpy() for f in files]
@@ -129,7 +135,9 @@ def test_fit_matches_scikit_learn_minibatch_kmeans(tmp_path):
 
     rng = np.random.default_rng(0)
     sample = unit(rng.standard_normal((500, 16))).astype(np.float32)
-    settings = PhenotypeSettings(k=3, batch_size=100, n_init=2, max_iter=20, seed=7)
+    settings = PhenotypeSettings.from_config(
+        default_config({"seed": 7, "phenotypes": {"k": 3, "batch_size": 100, "n_init": 2, "max_iter": 20}})
+    )
     model = fit_phenotypes(sample, settings)
     reference = MiniBatchKMeans(3, batch_size=100, n_init=2, max_iter=20, random_state=7).fit(sample)
     # same centroids, renumbered by size
@@ -146,21 +154,41 @@ def test_sample_is_stratified_bounded_and_independent_of_other_slides(tmp_path):
         return [next(s for s, v in rows.items() if (v == tile).all(axis=1).any()) for tile in sample]
 
     # the cap is not reached: every slide gives max_tiles_per_slide distinct tiles
-    whole, sha = sample_tiles(ids, files, PhenotypeSettings(k=2, max_tiles_per_slide=50, max_sample_tiles=10_000))
+    whole, sha = sample_tiles(
+        ids,
+        files,
+        PhenotypeSettings.from_config(
+            default_config({"phenotypes": {"k": 2, "max_tiles_per_slide": 50, "max_sample_tiles": 10_000}})
+        ),
+    )
     assert sha == SHA and len(whole) == 300 and len(np.unique(whole, axis=0)) == 300
     assert sorted(pd.Series(origin(whole)).value_counts().tolist()) == [50] * 6
     # the cap is reached: at most max_sample_tiles, still at most max_tiles_per_slide from any slide
-    capped, _ = sample_tiles(ids, files, PhenotypeSettings(k=2, max_tiles_per_slide=50, max_sample_tiles=120))
+    capped, _ = sample_tiles(
+        ids,
+        files,
+        PhenotypeSettings.from_config(
+            default_config({"phenotypes": {"k": 2, "max_tiles_per_slide": 50, "max_sample_tiles": 120}})
+        ),
+    )
     counts = pd.Series(origin(capped)).value_counts()
     assert len(capped) == 120 and counts.max() <= 50 and len(counts) == 3
     # a slide's draw does not depend on the rest of the cohort, and a smaller quota is a subset of a larger one
     for s, f in zip(ids[:2], files[:2], strict=True):
-        alone, _ = sample_tiles([s], [f], PhenotypeSettings(k=2, max_tiles_per_slide=50))
+        alone, _ = sample_tiles(
+            [s], [f], PhenotypeSettings.from_config(default_config({"phenotypes": {"k": 2, "max_tiles_per_slide": 50}}))
+        )
         np.testing.assert_array_equal(alone, whole[np.array(origin(whole)) == s])
-        fewer, _ = sample_tiles([s], [f], PhenotypeSettings(k=2, max_tiles_per_slide=20))
+        fewer, _ = sample_tiles(
+            [s], [f], PhenotypeSettings.from_config(default_config({"phenotypes": {"k": 2, "max_tiles_per_slide": 20}}))
+        )
         assert {t.tobytes() for t in fewer} <= {t.tobytes() for t in alone}
     with pytest.raises(InputError, match="phenotypes.k"):
-        sample_tiles(ids[:1], files[:1], PhenotypeSettings(k=40, max_tiles_per_slide=30))
+        sample_tiles(
+            ids[:1],
+            files[:1],
+            PhenotypeSettings.from_config(default_config({"phenotypes": {"k": 40, "max_tiles_per_slide": 30}})),
+        )
 
 
 def test_mixed_model_weights_are_refused(tmp_path):
@@ -168,7 +196,7 @@ def test_mixed_model_weights_are_refused(tmp_path):
     emb = unit(np.random.default_rng(0).standard_normal((10, 32)))
     write_embeddings(files[1], np.arange(10), np.arange(10), emb, sha="b" * 64)
     with pytest.raises(InputError, match="same model"):
-        sample_tiles(ids, files, PhenotypeSettings(k=2))
+        sample_tiles(ids, files, PhenotypeSettings.from_config(default_config({"phenotypes": {"k": 2}})))
 
 
 def test_assign_handles_empty_slides_and_empty_slide_composition(tmp_path):
@@ -176,7 +204,13 @@ def test_assign_handles_empty_slides_and_empty_slide_composition(tmp_path):
     assert len(labels) == len(distance) == 0
     ids, files, _, _ = blob_cohort(tmp_path, n_slides=3, k=2)
     write_embeddings(files[2], [], [], np.zeros((0, 32), np.float32))
-    result = run_phenotypes(ids, ids, files, tmp_path / "out", PhenotypeSettings(k=2, batch_size=64))
+    result = run_phenotypes(
+        ids,
+        ids,
+        files,
+        tmp_path / "out",
+        PhenotypeSettings.from_config(default_config({"phenotypes": {"k": 2, "batch_size": 64}})),
+    )
     empty = result.composition.set_index("slide_id").loc["slide2"]
     assert empty["n_tiles"] == 0 and np.isnan(empty[phenotype_columns(2)].astype(float)).all()
     assert pq.read_table(tmp_path / "out" / "assignments" / "slide2.parquet").num_rows == 0
@@ -223,7 +257,12 @@ def test_outputs_name_phenotypes_by_every_prompt_set(tmp_path):
     first = classifier(["adeno", "necrosis", "fat", "stroma"], np.vstack([centres, unit(np.ones((1, 32)))]))
     second = classifier(["x", "y", "z"], centres[::-1])
     result = run_phenotypes(
-        ids, ids, files, tmp_path / "out", PhenotypeSettings(k=3, batch_size=128), {"demo": first, "other": second}
+        ids,
+        ids,
+        files,
+        tmp_path / "out",
+        PhenotypeSettings.from_config(default_config({"phenotypes": {"k": 3, "batch_size": 128}})),
+        {"demo": first, "other": second},
     )
     phenotypes = pd.read_csv(tmp_path / "out" / "phenotypes.tsv", sep="\t")
     assert sorted(phenotypes["nearest_class"]) == ["adeno", "fat", "necrosis"]
@@ -242,7 +281,7 @@ def test_outputs_name_phenotypes_by_every_prompt_set(tmp_path):
             ids,
             files,
             tmp_path / "o2",
-            PhenotypeSettings(k=3),
+            PhenotypeSettings.from_config(default_config({"phenotypes": {"k": 3}})),
             {"bad": classifier(["a"], centres[:1], sha="c" * 64)},
         )
     assert len(result.gallery)
@@ -250,7 +289,11 @@ def test_outputs_name_phenotypes_by_every_prompt_set(tmp_path):
 
 def test_gallery_tiles_are_the_most_central_with_a_cap_per_slide(tmp_path):
     ids, files, _, _ = blob_cohort(tmp_path, n_slides=5, k=2, noise=0.3)
-    settings = PhenotypeSettings(k=2, batch_size=128, gallery_tiles=6, gallery_max_tiles_per_slide=2)
+    settings = PhenotypeSettings.from_config(
+        default_config(
+            {"phenotypes": {"k": 2, "batch_size": 128, "gallery_tiles": 6, "gallery_max_tiles_per_slide": 2}}
+        )
+    )
     result = run_phenotypes(ids, ids, files, tmp_path / "out", settings)
     gallery = pd.read_csv(tmp_path / "out" / "gallery_tiles.tsv", sep="\t")
     tables = {s: pq.read_table(tmp_path / "out" / "assignments" / f"{s}.parquet").to_pandas() for s in ids}
@@ -279,7 +322,13 @@ def test_gallery_reads_the_tiles_pixels_from_the_slide(tmp_path):
     slide = tmp_path / "s.tiff"
     write_pyramid_tiff(slide, rgb, mpp=0.25)  # tiles at 0.5 mpp: read from level 0 and resized by 2
     tiles = tmp_path / "tiles" / "s.parquet"
-    run_tiling(slide, "s", tiles, tmp_path / "qc.png", params=TilingParams(tile_px=64, min_tissue_fraction=0.0))
+    run_tiling(
+        slide,
+        "s",
+        tiles,
+        tmp_path / "qc.png",
+        params=TilingParams.from_config(default_config({"tiling": {"tile_px": 64, "min_tissue_fraction": 0.0}})),
+    )
     meta = store.read_metadata(tiles)
     assert meta["tile_px"] == 64 and meta["read_tile_px"] == 128
     gallery = pd.DataFrame(
@@ -304,7 +353,9 @@ def test_gallery_reads_the_tiles_pixels_from_the_slide(tmp_path):
             "similarity": [0.4, 0.3],
         }
     )
-    figure = gallery_figure(gallery, phenotypes, images, FigureStyle(dpi=50))
+    figure = gallery_figure(
+        gallery, phenotypes, images, FigureStyle.from_config(default_config({"figures": {"dpi": 50}}))
+    )
     assert len(figure.axes) == 2
     with pytest.raises(InputError, match="cohort sheet"):
         read_gallery_pixels(gallery.assign(slide_id="gone"), {"s": slide}, {"s": tiles})

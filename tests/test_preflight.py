@@ -12,6 +12,7 @@ import torch
 from bad_slides import corrupt_tiles_slide, good_slide, truncated_slide, write_clinical, write_sheet
 
 from histoclip import cli
+from histoclip.config import default_config
 from histoclip.preflight import (
     COLUMNS,
     SlideSettings,
@@ -99,8 +100,8 @@ def test_table_is_one_line_per_problem_errors_first(tmp_path, slides):
 
 def test_threads_give_the_same_checks_in_sheet_order(slides):
     records = [SlideRecord(f"s{i}", "P", slides / name) for i, name in enumerate(["a.tiff", "cut.tiff", "b.tiff"] * 4)]
-    serial = check_slides(records, SlideSettings(), threads=1)
-    threaded = check_slides(records, SlideSettings(), threads=4)
+    serial = check_slides(records, SlideSettings.from_config(default_config()), threads=1)
+    threaded = check_slides(records, SlideSettings.from_config(default_config()), threads=4)
     strip = [(c.slide_id, c.status, c.level0_mpp, c.read_level, [p.problem for p in c.problems]) for c in serial]
     assert strip == [
         (c.slide_id, c.status, c.level0_mpp, c.read_level, [p.problem for p in c.problems]) for c in threaded
@@ -117,7 +118,7 @@ def test_checking_many_linked_slides(tmp_path, slides):
         rows.append([f"s{i}", f"P{i}", f"links/s{i}.tiff"])
     records, problems = check_sheet(write_sheet(tmp_path / "sheet.tsv", rows))
     assert len(records) == 200 and problems == []
-    checks = check_slides(records, SlideSettings(), threads=2)
+    checks = check_slides(records, SlideSettings.from_config(default_config()), threads=2)
     assert [check.slide_id for check in checks] == [f"s{i}" for i in range(200)]
     assert all(check.status == "ok" for check in checks)
 
@@ -142,9 +143,9 @@ def test_checkpoint_shapes_come_from_the_header_and_fit_the_architecture(tmp_pat
     expected = {k: tuple(v.shape) for k, v in tiny_state.items()}
     assert checkpoint_shapes(tmp_path / "w.safetensors") == expected
     assert checkpoint_shapes(tmp_path / "w.pt") == expected  # state_dict wrapper and module. prefix undone
-    from histoclip.embedding.models import ModelSpec, _register_json_config
+    from histoclip.embedding.models import ModelSpec, register_json_config
 
-    name = _register_json_config(TINY_VIT, ModelSpec("tiny", str(TINY_VIT)))
+    name = register_json_config(TINY_VIT, ModelSpec("tiny", str(TINY_VIT)))
     built, custom_text = architecture_shapes(name)
     assert built == expected and not custom_text
     for weights in ("w.safetensors", "w.pt"):

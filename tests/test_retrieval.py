@@ -12,6 +12,7 @@ from sklearn.metrics.pairwise import cosine_similarity
 
 from histoclip import store
 from histoclip.cohort.aggregation import aggregate_slides
+from histoclip.config import default_config
 from histoclip.demo import write_pyramid_tiff
 from histoclip.errors import InputError
 from histoclip.plots import FigureStyle
@@ -200,7 +201,13 @@ def test_retrieved_tiles_and_gallery_read_the_right_tiles_from_their_slides(tmp_
         rgb[64:448, 64:448] = np.repeat(np.repeat(blocks, 32, axis=0), 32, axis=1)
         paths[sid], tile_files[sid], sources[sid] = tmp_path / f"{sid}.tiff", tmp_path / f"{sid}.parquet", rgb
         write_pyramid_tiff(paths[sid], rgb, mpp=0.5, quality=95)
-        run_tiling(paths[sid], sid, tile_files[sid], tmp_path / f"{sid}.png", params=TilingParams(tile_px=64))
+        run_tiling(
+            paths[sid],
+            sid,
+            tile_files[sid],
+            tmp_path / f"{sid}.png",
+            params=TilingParams.from_config(default_config({"tiling": {"tile_px": 64}})),
+        )
     xs = {sid: pq.read_table(tile_files[sid]).column("x").to_numpy() for sid in paths}
     ys = {sid: pq.read_table(tile_files[sid]).column("y").to_numpy() for sid in paths}
 
@@ -227,7 +234,8 @@ def test_retrieved_tiles_and_gallery_read_the_right_tiles_from_their_slides(tmp_
         assert np.abs(image - other).mean() > 10  # the other slide's tile at the same place would be caught
     data = query_gallery(
         table, "q", paths, tile_files, tmp_path / "g" / "q",
-        style=FigureStyle(dpi=50, formats=("png",)), truth=["necrosis", "fat", "fat"],
+        style=FigureStyle.from_config(default_config({"figures": {"dpi": 50, "formats": ["png"]}})),
+        truth=["necrosis", "fat", "fat"],
     )  # fmt: skip
     assert data["truth"].tolist() == ["necrosis", "fat", "fat"]
     assert (tmp_path / "g" / "q.png").exists()

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import balanced_accuracy_score
 
+from histoclip.config import default_config
 from histoclip.embedding.models import ModelSpec, load_model
 from histoclip.plots import FigureStyle
 from histoclip.zeroshot.classifier import call_slide, pool, text_classifier, tile_scores
@@ -65,7 +66,9 @@ def test_blocked_pooling_equals_pooling_each_subset():
     weights = rng.normal(size=(5, 3, 8))
     weights /= np.linalg.norm(weights, axis=2, keepdims=True)
     for method in ("topk", "mean", "lse"):
-        settings = SensitivitySettings(pooling=method, top_k=4, lse_temperature=7.0)
+        settings = SensitivitySettings.from_config(
+            default_config({"zeroshot": {"pooling": method, "top_k": 4, "lse_temperature": 7.0}})
+        )
         blocked = pooled_scores(tiles, weights, settings, max_values=37 * 3 * 2)  # 2 subsets per block
         expected = [pool(tile_scores(tiles, w), method, k=4, temperature=7.0) for w in weights]
         np.testing.assert_allclose(blocked, expected, atol=1e-12)
@@ -83,7 +86,11 @@ def test_each_subset_scores_as_a_direct_zero_shot_rerun(model, prompt_set, tmp_p
         tiles = row + 0.35 * rng.normal(size=(20, row.size)) / np.sqrt(row.size) * 4
         tiles_of[f"s{i}"] = tiles
         slides.append((f"s{i}", label, lambda t=tiles: t))
-    settings = SensitivitySettings(top_k=5, n_subsets=6, template_fraction=0.34, synonym_fraction=0.25, seed=1)
+    settings = SensitivitySettings.from_config(
+        default_config(
+            {"seed": 1, "zeroshot": {"top_k": 5, "n_subsets": 6, "template_fraction": 0.34, "synonym_fraction": 0.25}}
+        )
+    )
     summary, table = run_prompt_sensitivity(prompt_set, model.encode_texts, model.logit_scale, slides, settings)
 
     # the same subsets as prompt_sensitivity draws, each re-run through the plain zero-shot functions
@@ -109,7 +116,9 @@ def test_each_subset_scores_as_a_direct_zero_shot_rerun(model, prompt_set, tmp_p
     assert summary["n_prompts_encoded"] == 2 * 4 * 6 and summary["slides"] == [s[0] for s in slides]
     assert table["n_prompts"].iloc[-1] == 48 and (table["n_prompts"].iloc[:-1] == 2 * 1 * 2).all()
 
-    written = plot_prompt_sensitivity(table, tmp_path / "sens", FigureStyle(formats=("png",)), chance=0.5)
+    written = plot_prompt_sensitivity(
+        table, tmp_path / "sens", FigureStyle.from_config(default_config({"figures": {"formats": ["png"]}})), chance=0.5
+    )
     assert [p.name for p in written] == ["sens.png", "sens.tsv"]
     data = pd.read_csv(tmp_path / "sens.tsv", sep="\t", dtype={"subset": str})
     np.testing.assert_allclose(data["balanced_accuracy"], table["balanced_accuracy"], atol=1e-6)
@@ -148,8 +157,8 @@ def test_cohort_run_reproduces_the_zero_shot_rule(model, prompt_set, tmp_path):
         split = "train" if i < 2 else "test"
         records.append(SlideRecord(f"s{i}", f"P{i}", path, None, label, {"split": split}))
         files[f"s{i}"] = path
-    settings = SensitivitySettings(top_k=5, n_subsets=5, seed=2)
-    call_settings = CallSettings(top_k=5, bootstrap=0)
+    settings = SensitivitySettings.from_config(default_config({"seed": 2, "zeroshot": {"top_k": 5, "n_subsets": 5}}))
+    call_settings = CallSettings.from_config(default_config({"zeroshot": {"top_k": 5, "bootstrap": 0}}))
     call_cohort(records, list(files.values()), read_text_classifier(classifier_path), tmp_path / "zs", call_settings)
     reference = read_text_classifier(classifier_path)
     summary, table = cohort_prompt_sensitivity(

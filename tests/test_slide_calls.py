@@ -10,6 +10,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from histoclip.config import default_config
 from histoclip.demo import write_pyramid_tiff
 from histoclip.embedding.embed import SlideJob, embed_shard
 from histoclip.embedding.models import ModelSpec, load_model
@@ -34,7 +35,13 @@ def cohort(tmp_path_factory):
         slide = tmp / f"s{i}.tiff"
         write_pyramid_tiff(slide, rgb, mpp=0.5)
         tiles = tmp / "tiles" / f"s{i}.parquet"
-        run_tiling(slide, f"s{i}", tiles, tmp / "qc" / f"s{i}.png", params=TilingParams(tile_px=64))
+        run_tiling(
+            slide,
+            f"s{i}",
+            tiles,
+            tmp / "qc" / f"s{i}.png",
+            params=TilingParams.from_config(default_config({"tiling": {"tile_px": 64}})),
+        )
         embed_shard([SlideJob.from_tile_file(tiles, tmp / "emb" / f"s{i}.parquet")], model, num_workers=0)
         records.append(SlideRecord(f"s{i}", f"P{i}", slide, None, label, {"split": split}))
         files.append(tmp / "emb" / f"s{i}.parquet")
@@ -58,7 +65,13 @@ def test_text_classifier_file_round_trip(cohort):
 def test_calls_contract_and_evaluation_on_held_out_slides(cohort):
     tmp, _, records, files, path = cohort
     out = tmp / "zs"
-    calls = call_cohort(records, files, read_text_classifier(path), out, CallSettings(top_k=5, bootstrap=50))
+    calls = call_cohort(
+        records,
+        files,
+        read_text_classifier(path),
+        out,
+        CallSettings.from_config(default_config({"zeroshot": {"top_k": 5, "bootstrap": 50}})),
+    )
     written = pd.read_csv(out / "calls.tsv", sep="\t", keep_default_na=False)
     assert list(written.columns[:6]) == ["slide_id", "call", "p_adenocarcinoma", "p_squamous", "margin", "abstain"]
     assert written["slide_id"].tolist() == ["s0", "s1", "s2"]
@@ -78,7 +91,13 @@ def test_calls_contract_and_evaluation_on_held_out_slides(cohort):
 
 def test_abstain_margin(cohort):
     tmp, _, records, files, path = cohort
-    calls = call_cohort(records, files, read_text_classifier(path), tmp / "abstain", CallSettings(abstain_margin=1.0))
+    calls = call_cohort(
+        records,
+        files,
+        read_text_classifier(path),
+        tmp / "abstain",
+        CallSettings.from_config(default_config({"zeroshot": {"abstain_margin": 1.0}})),
+    )
     assert calls["abstain"].all() and (calls["call"] == "").all()
     assert set(calls["best"]) <= {"adenocarcinoma", "squamous"}
 

@@ -6,11 +6,14 @@ here with tifffile in formats OpenSlide really reads (generic tiled TIFF, Aperio
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import openslide
 import pytest
 import tifffile
 
+from histoclip.config import default_config
 from histoclip.demo import write_pyramid_tiff
 from histoclip.errors import SlideError
 from histoclip.store import read_metadata
@@ -83,7 +86,7 @@ def test_openslide_fixtures_small_svs_and_dicom(shared_data):
     dicom = tile_slide(
         shared_data / "synthetic" / "openslide-python-boxes-dicom" / "openslide-python-boxes_0.dcm",
         "boxes-dicom",
-        params=TilingParams(tile_px=4, min_tissue_fraction=0.0),
+        params=replace(TilingParams.from_config(default_config()), tile_px=4, min_tissue_fraction=0.0),
     )
     assert dicom.vendor == "dicom" and dicom.mpp == pytest.approx(0.499)
     assert len(dicom.grid) == 16  # a 16 × 16 slide, 4-px tiles at ~0.5 µm/px, nothing filtered
@@ -96,7 +99,12 @@ def test_boxes_tiff_72dpi_mpp_is_ignored_then_sheet_mpp_works(shared_data):
         tile_slide(path, "boxes")
     message = str(err.value)
     assert "'boxes'" in message and "352.8" in message and "add an 'mpp' column" in message
-    tiling = tile_slide(path, "boxes", sheet_mpp=0.25, params=TilingParams(target_mpp=1.0, tile_px=16))
+    tiling = tile_slide(
+        path,
+        "boxes",
+        sheet_mpp=0.25,
+        params=TilingParams.from_config(default_config({"tiling": {"target_mpp": 1.0, "tile_px": 16}})),
+    )
     assert tiling.mpp == 0.25 and tiling.mpp_source == "sheet"
     # level 2 has downsample 4.016 → 1.004 µm/px: within tolerance of the 1.0 target, so it is read
     assert tiling.read_level == 2
@@ -148,14 +156,18 @@ def test_40x_slide_is_read_from_the_level_matching_the_target(tmp_path):
     assert tiling.read_level == 1 and tiling.read_level_mpp == pytest.approx(0.5)
     assert tiling.grid.tile_level0_px == 448 and tiling.read_tile_px == 224
     assert tiling.tissue_level != 0  # tissue detection on a low-resolution level
-    coarse = tile_slide(path, "forty", params=TilingParams(target_mpp=3.0, tile_px=32))
+    coarse = tile_slide(
+        path, "forty", params=TilingParams.from_config(default_config({"tiling": {"target_mpp": 3.0, "tile_px": 32}}))
+    )
     assert coarse.read_level == 2  # 2 µm/px: the coarsest level not coarser than 3 µm/px
 
 
 def test_target_finer_than_scan_warns(tmp_path):
     path = tmp_path / "ten.tiff"
     write_pyramid_tiff(path, h_and_e_square(1024), mpp=1.0)
-    tiling = tile_slide(path, "ten", params=TilingParams(target_mpp=0.5, tile_px=64))
+    tiling = tile_slide(
+        path, "ten", params=TilingParams.from_config(default_config({"tiling": {"target_mpp": 0.5, "tile_px": 64}}))
+    )
     assert tiling.read_level == 0 and any("finer than level 0" in w for w in tiling.warnings)
 
 
@@ -175,7 +187,9 @@ def test_area_fractions_are_exact_for_fractional_rectangles():
 def test_grid_geometry_overlap_and_tissue_threshold():
     mask = np.zeros((100, 100), bool)
     mask[:, :50] = True  # left half is tissue
-    params = TilingParams(target_mpp=0.5, tile_px=100, overlap_px=50, min_tissue_fraction=0.5)
+    params = TilingParams.from_config(
+        default_config({"tiling": {"target_mpp": 0.5, "tile_px": 100, "overlap_px": 50, "min_tissue_fraction": 0.5}})
+    )
     grid = tile_grid(mask, (1000, 1000), mpp=0.5, params=params)  # mask is 10x coarser than level 0
     assert grid.tile_level0_px == 100 and grid.stride_level0_px == 50
     # x positions 0, 50, …, 450 have ≥ 50 % tissue (450 → exactly 50 %); 19 rows of y

@@ -14,7 +14,7 @@ from lifelines import CoxPHFitter, KaplanMeierFitter
 from lifelines.statistics import multivariate_logrank_test, proportional_hazard_test
 from lifelines.utils import concordance_index
 
-from histoclip.config import load_yaml, validate_config
+from histoclip.config import default_config, load_yaml, validate_config
 from histoclip.errors import InputError
 from histoclip.plots import FigureStyle, save_figure
 from histoclip.survival.analysis import SurvivalInputs, run_survival, write_survival
@@ -611,7 +611,7 @@ def test_tables_and_figures_are_written_with_source_data(pipeline_result, tmp_pa
     assert {"covariate", "coef", "se", "hr", "hr_lower_95", "hr_upper_95", "p", "n", "events", "ph_test_p"} <= set(
         multivariable.columns
     )
-    style = FigureStyle(formats=("png",))
+    style = FigureStyle.from_config(default_config({"figures": {"formats": ["png"]}}))
     curves, tests = pd.read_csv(km["subtype"], sep="\t"), pd.read_csv(logrank["subtype"], sep="\t")
     figure, data = km_figure(curves, tests, style)
     written = save_figure(figure, tmp_path / "fig_km", style, data=data)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from bad_slides import blank_slide, good_slide, truncated_slide
 
+from histoclip.config import default_config
 from histoclip.errors import InputErrors, SlideError
 from histoclip.resume import finished_path
 from histoclip.store import read_metadata
@@ -19,7 +20,7 @@ TILING = {"target_mpp": 0.5, "tile_px": 64, "overlap_px": 0, "min_tissue_fractio
 SETTINGS = {
     "on_slide_error": "fail",
     "tiling": TILING,
-    "tissue": {"mpp": 8.0},
+    "tissue": default_config()["tissue"],  # the whole section, as the tile rule passes it
     "mpp": {"min": 0.05, "max": 20.0},
     "qc_thumbnail_px": 256,
     "sheet_mpp": None,
@@ -59,7 +60,11 @@ def test_a_shard_writes_what_tiling_each_slide_alone_writes(tmp_path, slides, th
     report = tile_shard(jobs, threads=threads)
     assert sorted(report.tiled) == sorted(slides) and report.reused == [] and not report.errors
     for job in jobs:
-        own = {"patient_id": job.settings["patient_id"], "params": TilingParams(**TILING), "qc_thumbnail_px": 256}
+        own = {
+            "patient_id": job.settings["patient_id"],
+            "params": TilingParams.from_config({"tiling": TILING}),
+            "qc_thumbnail_px": 256,
+        }
         alone = run_tiling(job.path, job.slide_id, tmp_path / "alone.parquet", tmp_path / "alone.png", **own)
         meta = read_metadata(job.tiles_out)
         assert meta["n_tiles"] == alone["n_tiles"] > 0 and meta["patient_id"] == f"P{job.slide_id}"

@@ -19,6 +19,7 @@ The thumbnails are also run at 16 and 32 µm/px (the range a tiling thumbnail ha
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ import pytest
 from PIL import Image, ImageDraw
 from scipy import ndimage as ndi
 
+from histoclip.config import default_config
 from histoclip.tiling.tissue import (
     TissueParams,
     detect_tissue,
@@ -151,7 +153,9 @@ def test_small_holes_are_filled_and_large_holes_kept() -> None:
     assert mask[large_hole].mean() < 0.1
     assert _iou(mask, disc & ~large_hole) > 0.95
     # With hole filling off the small hole stays open.
-    mask_no_fill = detect_tissue(_u8(img), MPP, TissueParams(max_hole_area_mm2=0))
+    mask_no_fill = detect_tissue(
+        _u8(img), MPP, TissueParams.from_config(default_config({"tissue": {"max_hole_area_mm2": 0}}))
+    )
     assert mask_no_fill[small_hole].mean() < 0.2
 
 
@@ -179,7 +183,7 @@ def test_ink_strokes_across_tissue_are_excluded(ink: tuple[int, int, int]) -> No
         assert pen_mask(rgb)[stroke].mean() > 0.9
         # Without pen removal the coloured stroke on glass is taken for tissue: the check above is
         # meaningful.
-        raw = detect_tissue(rgb, MPP, TissueParams(remove_pen=False))
+        raw = detect_tissue(rgb, MPP, TissueParams.from_config(default_config({"tissue": {"remove_pen": False}})))
         assert raw[stroke & ~disc].mean() > 0.5
 
 
@@ -237,7 +241,9 @@ def test_odd_sizes_at_full_resolution_keep_the_input_shape() -> None:
     shape = (203, 77)
     img = _glass(shape)
     _paint_tissue(img, np.ones(shape, dtype=bool))
-    mask = detect_tissue(_u8(img), 0.5, TissueParams(min_region_area_mm2=0))
+    mask = detect_tissue(
+        _u8(img), 0.5, TissueParams.from_config(default_config({"tissue": {"min_region_area_mm2": 0}}))
+    )
     assert mask.shape == shape
     assert mask.all()
 
@@ -275,7 +281,7 @@ def test_bad_mpp_is_refused(mpp: object) -> None:
 )
 def test_bad_params_are_refused(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        TissueParams(**kwargs)  # type: ignore[arg-type]
+        replace(TissueParams.from_config(default_config()), **kwargs)  # type: ignore[arg-type]
 
 
 def test_saturation_values() -> None:
@@ -397,5 +403,7 @@ def test_tiles(shared_data: Path, name: str) -> None:
     # Were they 40x tiles (0.25 µm/px), a lone tile would be 0.016 mm², below min_region_area_mm2; with
     # that check off the verdict (tissue or empty) must not change.  (The glass corner of the second
     # tissue tile is then only 40 µm across and is closed over, hence no upper bound for tissue tiles.)
-    quarter = tissue_fraction(detect_tissue(rgb, 0.25, TissueParams(min_region_area_mm2=0)))
+    quarter = tissue_fraction(
+        detect_tissue(rgb, 0.25, TissueParams.from_config(default_config({"tissue": {"min_region_area_mm2": 0}})))
+    )
     assert quarter >= low if low > 0 else quarter <= high

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
+from histoclip.config import default_config
 from histoclip.demo import demo_pairs, make_demo_cohort, prompts_from_synonyms
 from histoclip.embedding.models import ModelSpec, load_model
 from histoclip.errors import InputError
@@ -214,7 +215,7 @@ def test_slide_level_pairs_run_one_step(cohort, tiny_base, tmp_path):
             row.slide_id,
             tiles_dir / f"{row.slide_id}.parquet",
             tmp_path / "qc.png",
-            params=TilingParams(tile_px=224),
+            params=TilingParams.from_config(default_config({"tiling": {"tile_px": 224}})),
         )
     table = tmp_path / "slide_pairs.tsv"
     pd.DataFrame(

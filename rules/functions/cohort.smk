@@ -27,11 +27,11 @@ def slide_tables(wildcards=None):
 
 
 def phenotype_settings(wildcards=None):
-    return {**config["phenotypes"], "seed": config["seed"]}
+    return config_part("phenotypes", config["phenotypes"])
 
 
 def clustering_settings(wildcards=None):
-    return {**config["clustering"], "seed": config["seed"]}
+    return config_part("clustering", config["clustering"])
 
 
 def phenotype_classifiers(wildcards):

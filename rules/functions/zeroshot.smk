@@ -26,14 +26,14 @@ def zeroshot_call_settings():
     """The zeroshot keys of a slide call (histoclip.zeroshot.calls.CallSettings) and the seed; the prompt-sensitivity
     keys are only params of the rules that use them, so changing them re-runs nothing else."""
     skip = {"prompt_sets", "n_subsets", "template_fraction", "synonym_fraction"}
-    return {k: v for k, v in config["zeroshot"].items() if k not in skip} | {"seed": config["seed"]}
+    return config_part("zeroshot", {k: v for k, v in config["zeroshot"].items() if k not in skip})
 
 
 def prompt_sensitivity_settings(wildcards=None):
     """Zero-shot call settings plus the subset draws: what decides the prompt-sensitivity numbers."""
     keys = ("pooling", "top_k", "lse_temperature", "abstain_margin")
     keys += ("n_subsets", "template_fraction", "synonym_fraction")
-    return {k: config["zeroshot"][k] for k in keys} | {"seed": config["seed"]}
+    return config_part("zeroshot", {k: config["zeroshot"][k] for k in keys})
 
 
 def prompt_sensitivity_outputs(wildcards=None):
@@ -51,7 +51,7 @@ def prompt_sensitivity_outputs(wildcards=None):
 
 
 def fewshot_settings(wildcards=None):
-    return dict(config["fewshot"]) | {"seed": config["seed"]}
+    return config_part("fewshot", config["fewshot"])
 
 
 def fewshot_outputs(wildcards=None):

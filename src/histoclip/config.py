@@ -3,11 +3,17 @@
 The schema (config/schemas/config.schema.yaml) is the single place where a key, its type, its default and
 its meaning are written down. Unknown keys are rejected: a misspelt ``tile_size`` that silently falls back
 to the default is worse than an error.
+
+Settings objects (``TilingParams``, ``CallSettings``, ...) have no defaults of their own: each is built by
+``from_config`` from the validated config, or from any part of it that keeps the config's key paths (what a
+rule passes as a param). The seed is read the same way, as ``config["seed"]``. Library callers and tests
+without a config file take :func:`default_config`, so a default is never written twice.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,11 +39,12 @@ def load_schema(path: str | Path = SCHEMA_PATH) -> dict[str, Any]:
     return load_yaml(path)
 
 
-def _fill_defaults(instance: Any, schema: Mapping[str, Any]) -> Any:
+def fill_defaults(instance: Any, schema: Mapping[str, Any]) -> Any:
     """Return ``instance`` with schema defaults filled in, recursing into objects.
 
     A missing object whose schema has ``default: {}`` is created and then filled, so a config that
-    omits a whole section still gets every default of that section.
+    omits a whole section still gets every default of that section. Nothing is validated: the preflight uses
+    it to go on checking the inputs of a config that :func:`validate_config` refused.
     """
     if not isinstance(instance, dict) or schema.get("type") != "object":
         return instance
@@ -46,7 +53,7 @@ def _fill_defaults(instance: Any, schema: Mapping[str, Any]) -> Any:
         if key not in out and "default" in sub:
             out[key] = copy.deepcopy(sub["default"])
         if key in out:
-            out[key] = _fill_defaults(out[key], sub)
+            out[key] = fill_defaults(out[key], sub)
     return out
 
 
@@ -77,7 +84,7 @@ def validate_config(
     config = dict(config)
     if isinstance(config.get("clinical"), str) and config["clinical"].strip().lower() in ("", "null", "none"):
         config["clinical"] = None  # Snakemake passes `--config clinical=null` on as the string "null"
-    filled = _fill_defaults(config, schema)
+    filled = fill_defaults(config, schema)
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(filled), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
@@ -103,3 +110,21 @@ def validate_config(
     if filled["mpp"]["min"] >= filled["mpp"]["max"]:
         raise InputError("mpp.min must be smaller than mpp.max", where=source, fix="swap or correct them")
     return filled
+
+
+def default_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The validated config of ``overrides`` (nested like the config file), every other key at its default.
+
+    How library callers and tests get settings without a config file, e.g.
+    ``TilingParams.from_config(default_config({"tiling": {"tile_px": 64}}))``: the values come from the schema
+    and are checked against it, so no default is repeated in code.
+    """
+    if overrides:
+        return validate_config(overrides, source="default_config()")
+    return copy.deepcopy(_schema_defaults())
+
+
+@functools.cache
+def _schema_defaults() -> dict[str, Any]:
+    """Every default of the schema, validated once per process (library calls that take defaults are frequent)."""
+    return validate_config({}, source="default_config()")

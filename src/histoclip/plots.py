@@ -39,21 +39,26 @@ PALETTE: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class FigureStyle:
-    """Sizes in inches and points, shared by every figure (config key ``figures``)."""
+    """Sizes in inches and points, shared by every figure (config key ``figures``; ``rc``: extra rcParams)."""
 
-    width_in: float = 6.0
-    height_in: float = 4.0
-    dpi: int = 200
-    font_size: float = 8.0
-    formats: tuple[str, ...] = ("pdf", "png")
+    width_in: float
+    height_in: float
+    dpi: int
+    font_size: float
+    formats: tuple[str, ...]
     rc: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, entry: Mapping[str, Any] | None) -> FigureStyle:
-        entry = dict(entry or {})
-        if "formats" in entry:
-            entry["formats"] = tuple(entry["formats"])
-        return cls(**{k: v for k, v in entry.items() if k in cls.__dataclass_fields__})
+    def from_config(cls, config: Mapping[str, Any]) -> FigureStyle:
+        """The style keys of ``figures`` (its ``evidence`` key: histoclip.zeroshot.evidence.EvidenceOptions)."""
+        figures = config["figures"]
+        return cls(
+            width_in=figures["width_in"],
+            height_in=figures["height_in"],
+            dpi=figures["dpi"],
+            font_size=figures["font_size"],
+            formats=tuple(figures["formats"]),
+        )
 
     def context(self) -> Any:
         """Draw inside ``with style.context():`` — axes take fonts and spines from rcParams when created."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -56,21 +56,22 @@ __all__ = [
 class ClusteringSettings:
     """Config key ``clustering`` (plus the workflow ``seed``)."""
 
-    slide_features: str = "embedding"
-    k: int | str = "auto"
-    k_min: int = 2
-    k_max: int = 8
-    n_init: int = 10
-    bootstrap: int = 200
-    map_method: str = "pca"
-    seed: int = 0
+    slide_features: str
+    k: int | str
+    k_min: int
+    k_max: int
+    n_init: int
+    bootstrap: int
+    map_method: str
+    seed: int
 
     @classmethod
-    def from_config(cls, entry: Mapping[str, Any], seed: int) -> ClusteringSettings:
-        values = {k: v for k, v in entry.items() if k in cls.__dataclass_fields__ and k != "seed"}
-        if str(values.get("k", "auto")).isdigit():  # `--config clustering='{k: 3}'` may arrive as "3"
+    def from_config(cls, config: Mapping[str, Any]) -> ClusteringSettings:
+        section = config["clustering"]
+        values = {f.name: section[f.name] for f in fields(cls) if f.name != "seed"}
+        if str(values["k"]).isdigit():  # `--config clustering='{k: 3}'` may arrive as "3"
             values["k"] = int(values["k"])
-        return cls(**values, seed=seed)
+        return cls(**values, seed=config["seed"])
 
 
 @dataclass(frozen=True)

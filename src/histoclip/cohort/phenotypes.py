@@ -31,7 +31,7 @@ import logging
 import time
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -64,19 +64,20 @@ __all__ = [
 class PhenotypeSettings:
     """Config key ``phenotypes`` (plus the workflow ``seed``)."""
 
-    k: int = 8
-    max_tiles_per_slide: int = 200
-    max_sample_tiles: int = 200_000
-    batch_size: int = 4096
-    n_init: int = 3
-    max_iter: int = 100
-    gallery_tiles: int = 8
-    gallery_max_tiles_per_slide: int = 2
-    seed: int = 0
+    k: int
+    max_tiles_per_slide: int
+    max_sample_tiles: int
+    batch_size: int
+    n_init: int
+    max_iter: int
+    gallery_tiles: int
+    gallery_max_tiles_per_slide: int
+    seed: int
 
     @classmethod
-    def from_config(cls, entry: Mapping[str, Any], seed: int) -> PhenotypeSettings:
-        return cls(**{k: v for k, v in entry.items() if k in cls.__dataclass_fields__ and k != "seed"}, seed=seed)
+    def from_config(cls, config: Mapping[str, Any]) -> PhenotypeSettings:
+        section = config["phenotypes"]
+        return cls(**{f.name: section[f.name] for f in fields(cls) if f.name != "seed"}, seed=config["seed"])
 
 
 @dataclass(frozen=True)
@@ -574,21 +575,6 @@ def _write_centroids(path: Path, model: PhenotypeModel) -> None:
         "settings": model.settings,
     }
     store.write_table_atomic(path, table, meta)
-
-
-def read_centroids(path: str | Path) -> PhenotypeModel:
-    table = pq.read_table(path)
-    meta = store.read_metadata(path)
-    column = table.column("centroid").combine_chunks()
-    centroids = column.values.to_numpy().reshape(-1, column.type.list_size).astype(np.float64)
-    return PhenotypeModel(
-        centroids,
-        table.column("sample_tiles").to_numpy(),
-        meta["inertia"],
-        meta["n_sample"],
-        meta.get("weights_sha256"),
-        meta.get("settings", {}),
-    )
 
 
 # --------------------------------------------------------------------------------------------------

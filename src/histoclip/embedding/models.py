@@ -223,12 +223,13 @@ def hub_offline(offline: bool) -> Iterator[None]:
             os.environ["HF_HUB_OFFLINE"] = old
 
 
-def _missing_weights(spec: ModelSpec, detail: str) -> InputError:
+def _missing_weights(spec: ModelSpec, detail: str, key: str = "") -> InputError:
+    """``key``: the entry's key at fault (``pretrained`` for a missing checkpoint file), named in ``where``."""
     return InputError(
         f"weights for model {spec.name!r} ({spec.model}"
         + (f", pretrained={spec.pretrained}" if spec.pretrained else "")
         + f") are not available offline: {detail}",
-        where=f"config models.{spec.name}",
+        where=f"config models.{spec.name}{'.' + key if key else ''}",
         fix=(
             "supply the weights locally: set `pretrained` to a checkpoint file (.safetensors or .pt), or `model` to "
             "local-dir:/path (open_clip_config.json + open_clip_model.safetensors), or put the hub files in the "
@@ -250,7 +251,7 @@ def unsafe_checkpoint_error(spec: ModelSpec, weights: str | None, exc: Exception
     )
 
 
-def _register_json_config(path: Path, spec: ModelSpec) -> str:
+def register_json_config(path: Path, spec: ModelSpec) -> str:
     """Register a JSON model config with open_clip under a name unique to its content; return the name."""
     import open_clip
 
@@ -281,14 +282,41 @@ def _register_json_config(path: Path, spec: ModelSpec) -> str:
     return name
 
 
-def _hub_weights_file(repo: str) -> str | None:
-    """The cached weights file of an hf-hub model (for its sha256), or None when not cached."""
+def hub_weights_file(spec: ModelSpec) -> str:
+    """The cached weights file of an hf-hub model (for its sha256); raises :class:`InputError` when it is not in
+    the Hugging Face cache. Call it under :func:`hub_offline` to keep it from downloading."""
     try:
         from open_clip.pretrained import download_pretrained_from_hf
 
-        return download_pretrained_from_hf(repo)
-    except Exception:
-        return None
+        found = download_pretrained_from_hf(spec.model[len("hf-hub:") :])
+    except Exception:  # not cached (offline), or no hub client: either way not available
+        found = None
+    if not found:
+        raise _missing_weights(spec, "not in the Hugging Face cache")
+    return found
+
+
+def local_weights(spec: ModelSpec) -> tuple[str, str | None]:
+    """(the name open_clip builds the model by, the local weights file or None) of ``spec``, as
+    :func:`load_model` loads it: a JSON model config is registered, a ``local-dir:`` folder must hold
+    ``open_clip_config.json`` and a weights file (safetensors first), a ``pretrained`` checkpoint file must
+    exist. Raises :class:`InputError` saying what is missing. hf-hub weights: :func:`hub_weights_file`."""
+    model_name, pretrained = spec.model, spec.pretrained
+    if model_name.endswith(".json"):
+        model_name = register_json_config(Path(model_name), spec)
+    if model_name.startswith("local-dir:"):
+        folder = Path(model_name[len("local-dir:") :])
+        if not (folder / "open_clip_config.json").is_file():
+            raise _missing_weights(spec, f"{folder}/open_clip_config.json does not exist")
+        candidates = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+        if not candidates:
+            raise _missing_weights(spec, f"no weights file ({', '.join(WEIGHT_SUFFIXES)}) in {folder}")
+        return model_name, str(next((p for p in candidates if p.suffix == ".safetensors"), candidates[0]))
+    if pretrained and Path(pretrained).suffix in WEIGHT_SUFFIXES:
+        if not Path(pretrained).is_file():
+            raise _missing_weights(spec, f"checkpoint {pretrained} does not exist", key="pretrained")
+        return model_name, pretrained
+    return model_name, None
 
 
 def embedding_dim(model: torch.nn.Module, image_size: int, device: torch.device) -> int:
@@ -307,22 +335,8 @@ def load_model(spec: ModelSpec, device: str | torch.device = "auto") -> LoadedMo
     device = device if isinstance(device, torch.device) else resolve_device(device)
     if spec.precision not in PRECISIONS:
         raise InputError(f"precision {spec.precision!r} is not one of {PRECISIONS}", where=f"models.{spec.name}")
-    model_name, pretrained = spec.model, spec.pretrained
-    weights_file: str | None = None
-    if model_name.endswith(".json"):
-        model_name = _register_json_config(Path(model_name), spec)
-    if model_name.startswith("local-dir:"):
-        folder = Path(model_name[len("local-dir:") :])
-        if not (folder / "open_clip_config.json").is_file():
-            raise _missing_weights(spec, f"{folder}/open_clip_config.json does not exist")
-        candidates = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
-        if not candidates:
-            raise _missing_weights(spec, f"no weights file ({', '.join(WEIGHT_SUFFIXES)}) in {folder}")
-        weights_file = str(next((p for p in candidates if p.suffix == ".safetensors"), candidates[0]))
-    elif pretrained and Path(pretrained).suffix in WEIGHT_SUFFIXES:
-        if not Path(pretrained).is_file():
-            raise _missing_weights(spec, f"checkpoint {pretrained} does not exist")
-        weights_file = pretrained
+    pretrained = spec.pretrained
+    model_name, weights_file = local_weights(spec)
     force_preprocess = {}
     if spec.mean:
         force_preprocess["mean"] = spec.mean
@@ -330,9 +344,7 @@ def load_model(spec: ModelSpec, device: str | torch.device = "auto") -> LoadedMo
         force_preprocess["std"] = spec.std
     with hub_offline(not spec.allow_download):
         if model_name.startswith("hf-hub:"):
-            weights_file = _hub_weights_file(model_name[len("hf-hub:") :])
-            if weights_file is None:
-                raise _missing_weights(spec, "not in the Hugging Face cache")
+            weights_file = hub_weights_file(spec)
         if weights_file is None and not pretrained:
             torch.manual_seed(spec.seed)
         try:

@@ -9,7 +9,8 @@ embedding step reads exactly what tiling measured.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import openslide
 import pyarrow as pa
 
 from histoclip import store
+from histoclip.config import default_config
 from histoclip.errors import SlideError
 from histoclip.tiling import qc
 from histoclip.tiling import slide as wsi
@@ -26,10 +28,16 @@ from histoclip.tiling.tissue import TissueParams, detect_tissue
 
 @dataclass(frozen=True)
 class TilingParams:
-    target_mpp: float = 0.5
-    tile_px: int = 224
-    overlap_px: int = 0
-    min_tissue_fraction: float = 0.5
+    """What decides a slide's tile grid (config key ``tiling``, but for how jobs are cut)."""
+
+    target_mpp: float
+    tile_px: int
+    overlap_px: int
+    min_tissue_fraction: float
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> TilingParams:
+        return cls(**{f.name: config["tiling"][f.name] for f in fields(cls)})
 
 
 @dataclass(frozen=True)
@@ -75,28 +83,35 @@ def area_fractions(mask: np.ndarray, x0: np.ndarray, y0: np.ndarray, x1: np.ndar
     return np.clip(covered / np.maximum(area, 1e-12), 0.0, 1.0)
 
 
-def tile_grid(
-    mask: np.ndarray, level0_size: tuple[int, int], mpp: float, params: TilingParams = TilingParams()
-) -> TileGrid:
+def tile_level0_px(params: TilingParams, mpp: float) -> int:
+    """Side of a tile in level-0 pixels of a slide whose level 0 is ``mpp`` µm/px."""
+    return max(1, round(params.tile_px * (params.target_mpp / mpp)))
+
+
+def read_tile_px(tile_level0_px: int, downsample: float) -> int:
+    """Side of a tile at the level it is read from (``downsample`` of level 0), before resizing."""
+    return max(1, math.ceil(tile_level0_px / downsample - 1e-6))
+
+
+def tile_grid(mask: np.ndarray, level0_size: tuple[int, int], mpp: float, params: TilingParams) -> TileGrid:
     """Every tile of the regular grid that lies fully inside the slide and has enough tissue.
 
     ``mask`` covers the whole of level 0 (``level0_size`` = width, height) at any lower resolution.
     """
     width, height = level0_size
-    scale = params.target_mpp / mpp
-    tile_level0_px = max(1, round(params.tile_px * scale))
-    stride_level0_px = max(1, round((params.tile_px - params.overlap_px) * scale))
-    xs = np.arange(0, width - tile_level0_px + 1, stride_level0_px, dtype=np.int64)
-    ys = np.arange(0, height - tile_level0_px + 1, stride_level0_px, dtype=np.int64)
+    tile_px = tile_level0_px(params, mpp)
+    stride_level0_px = max(1, round((params.tile_px - params.overlap_px) * (params.target_mpp / mpp)))
+    xs = np.arange(0, width - tile_px + 1, stride_level0_px, dtype=np.int64)
+    ys = np.arange(0, height - tile_px + 1, stride_level0_px, dtype=np.int64)
     gy, gx = np.meshgrid(ys, xs, indexing="ij")
     gx, gy = gx.ravel(), gy.ravel()
     sx = mask.shape[1] / width
     sy = mask.shape[0] / height
     fractions = area_fractions(
-        mask.astype(np.float32), gx * sx, gy * sy, (gx + tile_level0_px) * sx, (gy + tile_level0_px) * sy
+        mask.astype(np.float32), gx * sx, gy * sy, (gx + tile_px) * sx, (gy + tile_px) * sy
     ).astype(np.float32)
     keep = fractions >= params.min_tissue_fraction - 1e-6
-    return TileGrid(gx[keep], gy[keep], fractions[keep], tile_level0_px, stride_level0_px)
+    return TileGrid(gx[keep], gy[keep], fractions[keep], tile_px, stride_level0_px)
 
 
 @dataclass
@@ -201,16 +216,23 @@ def tile_slide(
     *,
     patient_id: str = "",
     sheet_mpp: float | None = None,
-    params: TilingParams = TilingParams(),
-    tissue_params: TissueParams = TissueParams(),
-    tissue_mpp: float = 8.0,
-    plausible_mpp: wsi.MppRange = wsi.MppRange(),
-    qc_thumbnail_px: int = 1024,
+    params: TilingParams | None = None,
+    tissue_params: TissueParams | None = None,
+    tissue_mpp: float | None = None,
+    plausible_mpp: wsi.MppRange | None = None,
+    qc_thumbnail_px: int | None = None,
 ) -> SlideTiling:
     """Open a slide, resolve its mpp, detect tissue on a low-resolution level and lay the tile grid.
 
-    Raises :class:`histoclip.errors.SlideError` (naming the slide and the cause) for unreadable slides.
+    A setting left out takes the config schema's default. Raises :class:`histoclip.errors.SlideError` (naming
+    the slide and the cause) for unreadable slides.
     """
+    defaults = default_config()
+    params = params or TilingParams.from_config(defaults)
+    tissue_params = tissue_params or TissueParams.from_config(defaults)
+    tissue_mpp = defaults["tissue"]["mpp"] if tissue_mpp is None else tissue_mpp
+    plausible_mpp = plausible_mpp or wsi.MppRange.from_config(defaults)
+    qc_thumbnail_px = defaults["qc"]["thumbnail_px"] if qc_thumbnail_px is None else qc_thumbnail_px
     with wsi.open_wsi(path, slide_id) as slide:
         resolved = wsi.resolve_mpp(slide, path, slide_id, sheet_mpp, plausible_mpp)
         warnings = [*resolved.warnings, *wsi.check_target(resolved.mpp, params.target_mpp, slide_id)]
@@ -237,7 +259,7 @@ def tile_slide(
             tissue_params=tissue_params,
             read_level=read_level,
             read_level_mpp=resolved.mpp * downsample,
-            read_tile_px=max(1, math.ceil(grid.tile_level0_px / downsample - 1e-6)),
+            read_tile_px=read_tile_px(grid.tile_level0_px, downsample),
             tissue_level=level,
             tissue_mask_mpp=mask_mpp,
             tissue_area_mm2=float(mask.sum()) * (mask_mpp / 1000.0) ** 2,
@@ -277,16 +299,22 @@ def run_tiling(
     tiles_out: str | Path,
     qc_out: str | Path,
     *,
-    on_slide_error: str = "fail",
+    on_slide_error: str | None = None,
     **tiling_kwargs: Any,
 ) -> dict[str, Any]:
     """Tile one slide and write its tile table and QC thumbnail (both atomically); return the metadata.
+
+    ``on_slide_error`` and the settings in ``tiling_kwargs`` (those of :func:`tile_slide`) default to the
+    config schema's.
 
     With ``on_slide_error="record"`` an unreadable slide is written as an empty tile table with
     ``status = "error"`` and the cause, so the rest of the cohort goes on and the failure is visible in the
     cohort table. With ``"fail"`` the :class:`SlideError` propagates and nothing is written. A slide without a
     single tissue tile counts as unreadable (:func:`no_tissue_error`).
     """
+    defaults = default_config()
+    on_slide_error = defaults["on_slide_error"] if on_slide_error is None else on_slide_error
+    qc_thumbnail_px = tiling_kwargs.get("qc_thumbnail_px") or defaults["qc"]["thumbnail_px"]
     try:
         tiling = tile_slide(path, slide_id, **tiling_kwargs)
         if len(tiling.grid) == 0:
@@ -307,7 +335,7 @@ def run_tiling(
         tiling.grid.x,
         tiling.grid.y,
         tiling.grid.tile_level0_px,
-        max_px=tiling_kwargs.get("qc_thumbnail_px", 1024),
+        max_px=qc_thumbnail_px,
     )
     qc.save_png(image, qc_out)
     return meta
@@ -317,8 +345,6 @@ def run_tiling_from_settings(
     path: str | Path, slide_id: str, tiles_out: str | Path, qc_out: str | Path, settings: dict[str, Any]
 ) -> dict[str, Any]:
     """:func:`run_tiling` with the validated config sections the tile rule passes (see rules/common.smk)."""
-    tissue = dict(settings["tissue"])
-    tissue_mpp = tissue.pop("mpp")
     return run_tiling(
         path,
         slide_id,
@@ -327,9 +353,9 @@ def run_tiling_from_settings(
         on_slide_error=settings["on_slide_error"],
         patient_id=settings["patient_id"],
         sheet_mpp=settings["sheet_mpp"],
-        params=TilingParams(**settings["tiling"]),
-        tissue_params=TissueParams(**tissue),
-        tissue_mpp=tissue_mpp,
-        plausible_mpp=wsi.MppRange(**settings["mpp"]),
+        params=TilingParams.from_config(settings),
+        tissue_params=TissueParams.from_config(settings),
+        tissue_mpp=settings["tissue"]["mpp"],
+        plausible_mpp=wsi.MppRange.from_config(settings),
         qc_thumbnail_px=settings["qc_thumbnail_px"],
     )

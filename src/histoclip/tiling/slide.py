@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import openslide
 from PIL import Image
 
+from histoclip.config import default_config
 from histoclip.errors import SlideError
 
 log = logging.getLogger(__name__)
@@ -39,10 +42,14 @@ MPP_SOURCES = ("sheet", "openslide-metadata", "tiff-resolution", "objective-powe
 
 @dataclass(frozen=True)
 class MppRange:
-    """Plausible level-0 mpp values (µm/px) for a whole-slide image."""
+    """Plausible level-0 mpp values (µm/px) for a whole-slide image (config key ``mpp``)."""
 
-    min: float = 0.05
-    max: float = 20.0
+    min: float
+    max: float
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> MppRange:
+        return cls(config["mpp"]["min"], config["mpp"]["max"])
 
     def __contains__(self, mpp: float) -> bool:
         return self.min <= mpp <= self.max
@@ -183,9 +190,11 @@ def resolve_mpp(
     path: str | Path,
     slide_id: str,
     sheet_mpp: float | None = None,
-    plausible: MppRange = MppRange(),
+    plausible: MppRange | None = None,
 ) -> ResolvedMpp:
-    """Level-0 mpp of ``slide`` by the policy in this module's docstring."""
+    """Level-0 mpp of ``slide`` by the policy in this module's docstring (``plausible``: the config's range,
+    by default the schema's)."""
+    plausible = plausible or MppRange.from_config(default_config())
     warnings: list[str] = []
     if sheet_mpp is not None:
         if sheet_mpp not in plausible:

@@ -19,10 +19,14 @@ with slide thickness, saturation much less so.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
+
+from histoclip.config import default_config
 
 __all__ = [
     "TissueParams",
@@ -50,8 +54,9 @@ _OTSU_SAMPLE_PX = 4_000_000
 class TissueParams:
     """Settings of :func:`detect_tissue`; the field names are also the config keys.
 
-    Defaults are for H&E thumbnails at 4-16 µm/px and were checked on real slides with blue, green, red
-    and black marks (tests/test_tissue.py); why each value:
+    The defaults (config/schemas/config.schema.yaml, the one place they are set) are for H&E thumbnails at
+    4-16 µm/px and were checked on real slides with blue, green, red and black marks (tests/test_tissue.py);
+    why each value:
 
     - ``min_saturation = 0.08``: floor under the Otsu threshold.  Glass, dust and scanner noise stay
       below about 0.04 saturation (99th percentile on the blank tiles checked), while the Otsu cut
@@ -85,16 +90,21 @@ class TissueParams:
       It also bounds the run time.  0 turns it off.
     """
 
-    min_saturation: float = 0.08
-    hysteresis: float = 0.5
-    max_value_dark: float = 0.3
-    remove_pen: bool = True
-    pen_margin_um: float = 100.0
-    closing_um: float = 50.0
-    opening_um: float = 8.0
-    min_region_area_mm2: float = 0.02
-    max_hole_area_mm2: float = 0.1
-    working_mpp: float = 4.0
+    min_saturation: float
+    hysteresis: float
+    max_value_dark: float
+    remove_pen: bool
+    pen_margin_um: float
+    closing_um: float
+    opening_um: float
+    min_region_area_mm2: float
+    max_hole_area_mm2: float
+    working_mpp: float
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> TissueParams:
+        """The ``tissue`` section but its ``mpp`` (which level is read, not how it is thresholded)."""
+        return cls(**{f.name: config["tissue"][f.name] for f in fields(cls)})
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -354,7 +364,7 @@ def _block_average(rgb3: np.ndarray, valid: np.ndarray, factor: int) -> tuple[np
     return small, (count > 0) & (2 * count >= block_sum(inside))
 
 
-def detect_tissue(rgb: np.ndarray, mpp: float, params: TissueParams = TissueParams()) -> np.ndarray:
+def detect_tissue(rgb: np.ndarray, mpp: float, params: TissueParams | None = None) -> np.ndarray:
     """Bool H x W mask of tissue in an 8-bit RGB(A) slide thumbnail whose pixel size is ``mpp`` µm.
 
     Pixels with alpha 0 (outside the scanned regions, as OpenSlide returns them) are background.  Pen
@@ -364,7 +374,9 @@ def detect_tissue(rgb: np.ndarray, mpp: float, params: TissueParams = TissuePara
 
     Images finer than ``params.working_mpp`` are block-averaged down to about that pixel size first and
     the mask is scaled back up, so the result doesn't depend much on which pyramid level is passed.
+    ``params`` default to the config schema's.
     """
+    params = params or TissueParams.from_config(default_config())
     arr = _check_rgb(rgb)
     mpp = _check_mpp(mpp)
     height, width = arr.shape[:2]

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from histoclip import store
 from histoclip.cohort.aggregation import read_tile_embeddings as read_embeddings
+from histoclip.config import default_config
 from histoclip.sheets import SlideRecord
 from histoclip.zeroshot.classifier import call_slide, pool, text_classifier, tile_scores
 from histoclip.zeroshot.evaluation import evaluate, evaluated_slides
@@ -47,12 +48,19 @@ class TextClassifier:
 
 @dataclass(frozen=True)
 class CallSettings:
-    pooling: str = "topk"
-    top_k: int = 50
-    lse_temperature: float = 1.0
-    abstain_margin: float = 0.0
-    bootstrap: int = 1000
-    seed: int = 0
+    """How slides are called and evaluated (config key ``zeroshot``, plus the workflow ``seed``)."""
+
+    pooling: str
+    top_k: int
+    lse_temperature: float
+    abstain_margin: float
+    bootstrap: int
+    seed: int
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> CallSettings:
+        zeroshot = config["zeroshot"]
+        return cls(**{f.name: zeroshot[f.name] for f in fields(cls) if f.name != "seed"}, seed=config["seed"])
 
 
 def write_text_classifier(model: LoadedModel, prompt_set: PromptSet, path: str | Path) -> TextClassifier:
@@ -92,7 +100,7 @@ def call_cohort(
     embedding_files: Sequence[str | Path],
     classifier: TextClassifier,
     out_dir: str | Path,
-    settings: CallSettings = CallSettings(),
+    settings: CallSettings | None = None,
 ) -> pd.DataFrame:
     """Score and call every slide; write tile scores, ``calls.tsv`` and (with labels) the evaluation.
 
@@ -100,7 +108,9 @@ def call_cohort(
     background classes included), ``calls.tsv`` (slide_id, call, ``p_<class>`` per called class, margin,
     abstain, best, n_tiles, status, and label/split when the sheet has them), and when labels exist
     ``evaluation.json`` + ``confusion.tsv`` over the evaluated slides (labelled, not in the ``train`` split).
+    ``settings`` default to the config schema's.
     """
+    settings = settings or CallSettings.from_config(default_config())
     out_dir = Path(out_dir)
     called = classifier.called_classes
     called_columns = [classifier.classes.index(c) for c in called]

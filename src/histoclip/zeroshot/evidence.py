@@ -28,6 +28,7 @@ from matplotlib.colors import Normalize
 from PIL import Image
 
 from histoclip import store
+from histoclip.config import default_config
 from histoclip.errors import InputError
 from histoclip.plots import FigureStyle, new_figure, save_figure
 from histoclip.tiling import slide as wsi
@@ -92,8 +93,13 @@ class TileLayout:
 class EvidenceOptions:
     """Config ``figures.evidence``: tiles per class in the gallery, and whether background classes get a panel."""
 
-    top_n: int = 6
-    include_background: bool = False
+    top_n: int
+    include_background: bool
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> EvidenceOptions:
+        evidence = config["figures"]["evidence"]
+        return cls(evidence["top_n"], evidence["include_background"])
 
 
 def read_tile_scores(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -240,8 +246,8 @@ def slide_evidence(
     *,
     call: Mapping[str, Any] | None = None,
     top_k: int | None = None,
-    options: EvidenceOptions = EvidenceOptions(),
-    style: FigureStyle = FigureStyle(),
+    options: EvidenceOptions | None = None,
+    style: FigureStyle | None = None,
 ) -> pd.DataFrame:
     """Draw one slide's evidence figure (``{out_stem}.{formats}``) and write its source data (``{out_stem}.tsv``).
 
@@ -249,8 +255,12 @@ def slide_evidence(
     colour scale for all rows, so classes compare), the top-N tiles numbered on it, and those tiles in a
     row with their scores. ``call`` (a row of calls.tsv) titles the figure; ``top_k`` (top-K pooling) says in
     each row how many tiles made the slide score. The TSV has one row per tile shown in a gallery: class,
-    rank, x, y, and every class's score of that tile. Returns that table.
+    rank, x, y, and every class's score of that tile. Returns that table. ``options`` and ``style`` default to
+    the config schema's.
     """
+    defaults = default_config()
+    options = options or EvidenceOptions.from_config(defaults)
+    style = style or FigureStyle.from_config(defaults)
     x, y, scores = read_tile_scores(scores_path)
     unknown = [c for c in classes if c not in scores]
     if unknown:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from histoclip.config import default_config
 from histoclip.errors import InputError
 from histoclip.zeroshot.evaluation import evaluate, evaluated_slides
 
@@ -63,14 +64,21 @@ METHODS = ("prototype", "logistic")
 
 @dataclass(frozen=True)
 class FewShotSettings:
-    """Config key ``fewshot`` plus the run seed."""
+    """Config key ``fewshot`` plus the run seed (``methods``: both, unless a test compares one)."""
 
-    shots: tuple[int, ...] = (1, 2, 4, 8, 16)
-    draws: int = 10
-    probe_c: float = 1.0
-    max_iter: int = 1000
-    seed: int = 0
+    shots: tuple[int, ...]
+    draws: int
+    probe_c: float
+    max_iter: int
+    seed: int
     methods: tuple[str, ...] = field(default=METHODS)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> FewShotSettings:
+        """The ``fewshot`` section but its ``embedding_column`` (which slide-table column, read by the caller)."""
+        section = config["fewshot"]
+        keys = ("shots", "draws", "probe_c", "max_iter")
+        return cls(**{key: section[key] for key in keys}, seed=config["seed"])
 
     def __post_init__(self) -> None:
         shots = tuple(int(k) for k in self.shots)
@@ -158,7 +166,7 @@ def fewshot_curve(
     test_x: np.ndarray,
     test_y: Sequence[str],
     classes: Sequence[str],
-    settings: FewShotSettings = FewShotSettings(),
+    settings: FewShotSettings | None = None,
     pool_ids: Sequence[str] | None = None,
 ) -> tuple[pd.DataFrame, dict[int, str]]:
     """Balanced accuracy on the test slides per (method, k, draw); and ``{k: why}`` for each skipped ``k``.
@@ -166,8 +174,9 @@ def fewshot_curve(
     Draw ``d`` of ``k`` shots uses ``numpy.random.default_rng([seed, k, d])``: the same shots for the same
     seed whatever other ``k`` are listed, and the same shots for both methods (a paired comparison).
     Columns: method, k, draw, balanced_accuracy, n_test, collapsed, shots (the slides drawn: ``pool_ids``, or
-    indices into the pool without them).
+    indices into the pool without them). ``settings`` default to the config schema's.
     """
+    settings = settings or FewShotSettings.from_config(default_config())
     classes = list(classes)
     pool_y = np.asarray(pool_y)
     ids = list(pool_ids) if pool_ids is not None else list(range(len(pool_y)))

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from histoclip.cohort.aggregation import read_slide_embeddings, slide_embedding
+from histoclip.config import default_config
 from histoclip.errors import InputError
 from histoclip.plots import FigureStyle, new_figure, save_figure, write_tsv
 from histoclip.store import write_text_atomic
@@ -335,7 +336,7 @@ def query_gallery(
     tile_files: Mapping[str, str | os.PathLike[str]],
     out_stem: str | os.PathLike[str],
     *,
-    style: FigureStyle = FigureStyle(),
+    style: FigureStyle | None = None,
     columns: int = 6,
     truth: Sequence[str] | None = None,
 ) -> pd.DataFrame:
@@ -343,7 +344,9 @@ def query_gallery(
 
     Only the tiles shown are read from their slides (at the tile file's read level, as the model saw them).
     ``truth`` (one label per row, e.g. the demo's class maps) adds a line under each tile and a column.
+    ``style`` defaults to the config schema's.
     """
+    style = style or FigureStyle.from_config(default_config())
     rows = table[table["query"] == query].sort_values("rank").reset_index(drop=True)
     images = retrieved_tiles(rows, slide_paths, tile_files)
     data = rows.copy()

@@ -29,13 +29,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from histoclip.config import default_config
 from histoclip.zeroshot.classifier import call_slide, class_weights, pool, tile_scores
 from histoclip.zeroshot.evaluation import evaluate, prompt_sensitivity
 from histoclip.zeroshot.prompts import PromptSet
@@ -62,14 +63,19 @@ MAX_SCORE_VALUES = 1 << 24
 class SensitivitySettings:
     """Zero-shot settings (as the zeroshot rule uses them) plus the subset draws (config ``zeroshot``)."""
 
-    pooling: str = "topk"
-    top_k: int = 50
-    lse_temperature: float = 1.0
-    abstain_margin: float = 0.0
-    n_subsets: int = 20
-    template_fraction: float = 0.5
-    synonym_fraction: float = 0.5
-    seed: int = 0
+    pooling: str
+    top_k: int
+    lse_temperature: float
+    abstain_margin: float
+    n_subsets: int
+    template_fraction: float
+    synonym_fraction: float
+    seed: int
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> SensitivitySettings:
+        zeroshot = config["zeroshot"]
+        return cls(**{f.name: zeroshot[f.name] for f in fields(cls) if f.name != "seed"}, seed=config["seed"])
 
 
 class PromptCache:
@@ -141,7 +147,7 @@ def run_prompt_sensitivity(
     encoder: PromptCache | Callable[[list[str]], Any],
     logit_scale: float,
     slides: Sequence[tuple[str, str, Callable[[], np.ndarray]]],
-    settings: SensitivitySettings = SensitivitySettings(),
+    settings: SensitivitySettings | None = None,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """Prompt sensitivity of one (model, prompt set) on held-out slides.
 
@@ -152,8 +158,9 @@ def run_prompt_sensitivity(
     :func:`histoclip.zeroshot.evaluation.prompt_sensitivity` (plus the classes, slides, number of distinct prompts
     encoded and the settings) and a table with one row per subset and one for the full set: subset,
     prompts_sha256, n_prompts (of the called classes), balanced_accuracy, macro_auc, n_scored, n_abstained,
-    collapsed.
+    collapsed. ``settings`` default to the config schema's.
     """
+    settings = settings or SensitivitySettings.from_config(default_config())
     called = prompt_set.called_classes
     if len(called) < 2:
         raise ValueError(f"prompt set {prompt_set.name!r} needs at least 2 called classes to call slides")
@@ -244,7 +251,7 @@ def cohort_prompt_sensitivity(
     calls_path: str | Path,
     embedding_files: Mapping[str, str | Path],
     stored_classifier: tuple[Sequence[str], np.ndarray] | None = None,
-    settings: SensitivitySettings = SensitivitySettings(),
+    settings: SensitivitySettings | None = None,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """:func:`run_prompt_sensitivity` on the zero-shot rule's held-out slides, with cross-checks.
 
@@ -360,9 +367,3 @@ def plot_prompt_sensitivity(
         ax.set_title(title or "Prompt sensitivity")
         ax.legend(loc="lower right", frameon=False)
     return save_figure(figure, stem, style, data=table, title=title)
-
-
-def settings_from_config(zeroshot: Mapping[str, Any], seed: int) -> SensitivitySettings:
-    """The settings from config ``zeroshot`` (unknown keys such as prompt_sets and bootstrap are ignored)."""
-    fields = SensitivitySettings.__dataclass_fields__
-    return SensitivitySettings(**{k: v for k, v in zeroshot.items() if k in fields and k != "seed"}, seed=seed)
