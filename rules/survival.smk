@@ -27,9 +27,7 @@ rule survival:
         km=expand("results/survival/{{model}}/km_{name}.tsv", name=survival_grouping_names()),
         logrank=expand("results/survival/{{model}}/km_{name}_logrank.tsv", name=survival_grouping_names()),
     params:
-        survival=config["survival"],
-        seed=config["seed"],
-        abstain_margin=config["zeroshot"]["abstain_margin"],
+        settings=survival_settings(),
     log:
         "results/logs/survival/{model}.log",
     threads: 1

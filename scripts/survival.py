@@ -9,7 +9,7 @@ from histoclip.survival.plan import SurvivalPlan
 
 with rule_log(snakemake.log[0], "histoclip.survival.analysis") as log:
     params = snakemake.params
-    plan = SurvivalPlan.from_config(params.survival, seed=params.seed, abstain_margin=params.abstain_margin)
+    plan = SurvivalPlan.from_config(params.settings)
     inputs = SurvivalInputs(
         clinical=snakemake.input.clinical,
         slide_patients={r.slide_id: r.patient_id for r in read_cohort_sheet(snakemake.input.sheet)},

@@ -124,6 +124,7 @@ def test_settings_objects_take_every_config_default_from_the_schema():
     from histoclip.cohort.phenotypes import PhenotypeSettings
     from histoclip.plots import FigureStyle
     from histoclip.preflight import SlideSettings
+    from histoclip.survival.settings import SurvivalSettings
     from histoclip.tiling.grid import TilingParams
     from histoclip.tiling.slide import MppRange
     from histoclip.tiling.tissue import TissueParams
@@ -145,6 +146,7 @@ def test_settings_objects_take_every_config_default_from_the_schema():
         FigureStyle: config["figures"],
         EvidenceOptions: config["figures"]["evidence"],
         SlideSettings: {"on_slide_error": config["on_slide_error"]},
+        SurvivalSettings: config["survival"],
     }
     for cls, section in sections.items():
         repeated = set(_code_defaults(cls)) & {*section, "seed"}
@@ -159,16 +161,14 @@ def test_settings_objects_take_every_config_default_from_the_schema():
 
 def test_defaults_left_in_code_agree_with_the_schema():
     """Defaults still written in code (a model entry's optional keys, which the schema describes without a
-    default; survival and training settings) must equal the schema's wherever it has one for the same key."""
+    default; survival endpoints and training settings) must equal the schema's wherever it has one for the same key."""
     from histoclip.embedding.models import ModelSpec
     from histoclip.survival.endpoints import Endpoint
-    from histoclip.survival.settings import SurvivalSettings
     from histoclip.training.settings import TrainSettings
 
     schema = load_schema()["properties"]
     entries = {
         ModelSpec: schema["models"]["additionalProperties"],
-        SurvivalSettings: schema["survival"],
         Endpoint: schema["survival"]["properties"]["endpoints"]["additionalProperties"],
         TrainSettings: schema["training"]["additionalProperties"],
     }

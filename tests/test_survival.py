@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +39,24 @@ def write(frame: pd.DataFrame, path: Path) -> Path:
     return path
 
 
+def settings_config(seed: int = 0, **section) -> dict:
+    """The config SurvivalPlan/SurvivalSettings.from_config read: the schema's fitting defaults with ``section`` on
+    top (what to analyse — endpoints, terms, groupings — only as ``section`` gives it)."""
+    config = default_config()
+    analysed = ("endpoints", "multivariable", "univariable", "km_groupings")
+    config["survival"] = {**{k: v for k, v in config["survival"].items() if k not in analysed}, **section}
+    config["seed"] = seed
+    return config
+
+
 def plan(**section) -> SurvivalPlan:
     section.setdefault("endpoints", {"os": {}})
-    return SurvivalPlan.from_config(section, seed=section.pop("seed", 0))
+    return SurvivalPlan.from_config(settings_config(**section))
+
+
+def survival_settings(**changes) -> SurvivalSettings:
+    """The schema's default survival settings with ``changes``."""
+    return replace(SurvivalSettings.from_config(default_config()), **changes)
 
 
 def lifelines_fit(frame: pd.DataFrame, **kwargs) -> CoxPHFitter:
@@ -308,12 +324,12 @@ def test_cross_validated_cindex_is_seeded_and_tracks_signal(cohort: dict) -> Non
     t = rng.exponential(1.0, n) / np.exp(1.5 * x)
     c = rng.exponential(3.0, n)
     data = pd.DataFrame({"time": np.minimum(t, c), "event": (t <= c).astype(int), "x": x, "noise": noise})
-    settings = SurvivalSettings(cv_folds=5, cv_repeats=4, seed=3)
+    settings = survival_settings(cv_folds=5, cv_repeats=4, seed=3)
     full = fit_cox(data, ["x"], name="x", settings=settings)
     strong = cross_validated_cindex(data, ["x"], name="x", settings=settings, full_fit=full)
     again = cross_validated_cindex(data, ["x"], name="x", settings=settings, full_fit=full)
     other_seed = cross_validated_cindex(
-        data, ["x"], name="x", settings=SurvivalSettings(cv_folds=5, cv_repeats=4, seed=4)
+        data, ["x"], name="x", settings=survival_settings(cv_folds=5, cv_repeats=4, seed=4)
     )
     null = cross_validated_cindex(data, ["noise"], name="noise", settings=settings)
     assert strong == again
@@ -407,7 +423,7 @@ def test_few_events_per_covariate_warns(cohort: dict, caplog: pytest.LogCaptureF
     assert small["event"].sum() < 20  # fewer than 10 per covariate
     data = small.set_index("patient_id").assign(x=np.arange(12.0), y=np.arange(12.0) ** 0.5)
     with caplog.at_level(logging.WARNING, logger="histoclip"):
-        fit_cox(data, ["x", "y"], name="tiny", settings=SurvivalSettings())
+        fit_cox(data, ["x", "y"], name="tiny", settings=survival_settings())
     assert any("tiny" in r.getMessage() and "per covariate" in r.getMessage() for r in caplog.records)
 
 
@@ -434,9 +450,7 @@ def test_terms_groupings_and_config_are_checked() -> None:
         validate_config({"survival": {"multivariable": ["age"]}})
     with pytest.raises(InputError, match="duplicate"):
         plan(multivariable=["clinical:age", "clinical:age"])
-    demo = SurvivalPlan.from_config(
-        validate_config(load_yaml(Path(__file__).parents[1] / "config" / "config.yaml"))["survival"]
-    )
+    demo = SurvivalPlan.from_config(validate_config(load_yaml(Path(__file__).parents[1] / "config" / "config.yaml")))
     assert [str(t) for t in demo.multivariable] == PIPELINE_TERMS
     assert required_sources(demo) == ["calls", "class_composition", "clusters"]
     assert required_sources(plan(multivariable=["clinical:age"])) == []
@@ -654,6 +668,6 @@ def test_slide_aggregation_is_linear_in_slides(tmp_path: Path) -> None:
 def test_separation_is_flagged_as_a_convergence_problem(caplog: pytest.LogCaptureFixture) -> None:
     data = pd.DataFrame({"time": np.arange(1.0, 21.0), "event": 1, "early": (np.arange(20) < 10) * 1.0})
     with caplog.at_level(logging.WARNING, logger="histoclip"):
-        fit = fit_cox(data, ["early"], name="separated", settings=SurvivalSettings(min_events_per_covariate=0))
+        fit = fit_cox(data, ["early"], name="separated", settings=survival_settings(min_events_per_covariate=0))
     assert "penalizer" in fit.model_note
     assert any("separated" in r.getMessage() and "penalizer" in r.getMessage() for r in caplog.records)

@@ -2,15 +2,20 @@
 import functools
 
 
+def survival_settings(wildcards=None):
+    """What SurvivalPlan.from_config reads: the `survival` section, the seed and the zero-shot abstain margin."""
+    return config_part("survival", config["survival"]) | {
+        "zeroshot": {"abstain_margin": config["zeroshot"]["abstain_margin"]}
+    }
+
+
 @functools.cache
 def survival_plan():
     """The `survival` section parsed and checked once at parse time (terms, endpoint coding); cheap: lifelines is
     only imported by the rule itself."""
     from histoclip.survival.plan import SurvivalPlan
 
-    return SurvivalPlan.from_config(
-        config["survival"], seed=config["seed"], abstain_margin=config["zeroshot"]["abstain_margin"]
-    )
+    return SurvivalPlan.from_config(survival_settings())
 
 
 def survival_prompt_set():

@@ -8,7 +8,7 @@ imports lifelines.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from histoclip.errors import InputError
@@ -28,11 +28,14 @@ class SurvivalPlan:
     endpoints: tuple[Endpoint, ...]
     multivariable: tuple[Term, ...]
     univariable: tuple[Term, ...]
-    groupings: tuple[str, ...] = ()
-    settings: SurvivalSettings = field(default_factory=SurvivalSettings)
+    groupings: tuple[str, ...]
+    settings: SurvivalSettings
 
     @classmethod
-    def from_config(cls, section: Mapping[str, Any], *, seed: int = 0, abstain_margin: float = 0.0) -> SurvivalPlan:
+    def from_config(cls, config: Mapping[str, Any]) -> SurvivalPlan:
+        """From the validated config (or a part of it at the same key paths: ``survival``, ``seed``,
+        ``zeroshot.abstain_margin``)."""
+        section = config["survival"]
         endpoints = tuple(Endpoint.from_config(n, e) for n, e in (section.get("endpoints") or {}).items())
         if not endpoints:
             raise InputError(
@@ -54,7 +57,7 @@ class SurvivalPlan:
             raise InputError(
                 f"km_groupings {list(groupings)} repeat a name", where="survival.km_groupings", fix="list each once"
             )
-        settings = SurvivalSettings.from_config(section, seed=seed, abstain_margin=abstain_margin)
+        settings = SurvivalSettings.from_config(config)
         if settings.phenotype_transform not in ("alr", "drop_reference"):
             raise InputError(
                 f"phenotype_transform {settings.phenotype_transform!r}",

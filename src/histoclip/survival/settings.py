@@ -15,22 +15,26 @@ __all__ = ["SurvivalSettings"]
 
 @dataclass(frozen=True)
 class SurvivalSettings:
-    """Config key ``survival`` (fitting options), plus the workflow ``seed`` and ``zeroshot.abstain_margin``."""
+    """Config key ``survival`` (fitting options), plus the workflow ``seed`` and ``zeroshot.abstain_margin``.
 
-    penalizer: float = 0.0
-    l1_ratio: float = 0.0
-    cv_folds: int = 5
-    cv_repeats: int = 5
-    min_events_per_covariate: float = 10.0
-    ph_alpha: float = 0.05
-    phenotype_transform: str = "alr"
-    phenotype_reference: str | None = None
-    phenotype_pseudocount: float = 0.01
-    abstain_margin: float = 0.0
-    seed: int = 0
+    No defaults here: they live in the config schema (``histoclip.config.default_config`` gives them)."""
+
+    penalizer: float
+    l1_ratio: float
+    cv_folds: int
+    cv_repeats: int
+    min_events_per_covariate: float
+    ph_alpha: float
+    phenotype_transform: str
+    phenotype_reference: str | None
+    phenotype_pseudocount: float
+    abstain_margin: float
+    seed: int
 
     @classmethod
-    def from_config(cls, entry: Mapping[str, Any], *, seed: int = 0, abstain_margin: float = 0.0) -> SurvivalSettings:
-        fields = {k: v for k, v in entry.items() if k in cls.__dataclass_fields__ and k not in ("seed",)}
-        fields.setdefault("abstain_margin", abstain_margin)
-        return cls(**fields, seed=seed)
+    def from_config(cls, config: Mapping[str, Any]) -> SurvivalSettings:
+        """From the validated config (or a part of it at the same key paths: ``survival``, ``seed``,
+        ``zeroshot.abstain_margin``)."""
+        section = config["survival"]
+        fields = {k: section[k] for k in cls.__dataclass_fields__ if k not in ("seed", "abstain_margin")}
+        return cls(**fields, abstain_margin=config["zeroshot"]["abstain_margin"], seed=config["seed"])
