@@ -17,7 +17,6 @@ import pandas as pd
 import pytest
 import tifffile
 
-from histoclip.demo import synth
 from histoclip.demo.synth import (
     CLASS_MAP_DOWNSAMPLE,
     SUBTYPES,
@@ -25,11 +24,10 @@ from histoclip.demo.synth import (
     TRUE_COEFFICIENTS,
     DemoCohort,
     make_demo_cohort,
-    read_class_map,
-    tile_classes,
     write_large_slide,
     write_pyramid_tiff,
 )
+from histoclip.formats import read_class_map, tile_classes, write_class_map
 
 SAFE_ID = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -256,7 +254,7 @@ def test_tile_classes_reads_the_map(tmp_path: Path) -> None:
     label = np.zeros((64, 64), np.uint8)
     label[:, 32:] = TISSUE_CLASSES.index("stroma")
     path = tmp_path / "map.png"
-    synth._write_class_map(path, label)
+    write_class_map(path, label, CLASS_MAP_DOWNSAMPLE, TISSUE_CLASSES)
     got = tile_classes(path, [0, 200, 10_000], [0, 0, 0], 16)
     assert list(got) == ["background", "stroma", "background"]
     assert tile_classes(path, 200, 0, 16).shape == () and str(tile_classes(path, 200, 0, 16)) == "stroma"

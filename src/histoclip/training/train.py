@@ -67,7 +67,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from histoclip import store
+from histoclip import formats, store
 from histoclip.demo.synth import (
     CAPTION_MIN_PURITY,
     CAPTION_TEMPLATES,
@@ -406,11 +406,8 @@ class _TileSet:
 
 
 def _read_tile_set(slide_id: str, slide_path: str, tiles_path: str) -> _TileSet:
-    import pyarrow.parquet as pq
-
-    meta = store.read_metadata(tiles_path)
-    table = pq.read_table(tiles_path, columns=["x", "y"])
-    if table.num_rows == 0:
+    x, y, meta = formats.read_tile_file(tiles_path)
+    if len(x) == 0:
         raise InputError(
             f"the tile file {tiles_path!r} of slide {slide_id!r} has no tiles ({meta.get('error') or 'no tissue'})",
             where=f"slide {slide_id!r}",
@@ -419,8 +416,8 @@ def _read_tile_set(slide_id: str, slide_path: str, tiles_path: str) -> _TileSet:
     return _TileSet(
         slide_id=slide_id,
         slide_path=slide_path or str(meta.get("path", "")),
-        x=table.column("x").to_numpy(),
-        y=table.column("y").to_numpy(),
+        x=x,
+        y=y,
         read_level=int(meta.get("read_level", 0)),
         read_tile_px=int(meta.get("read_tile_px", meta.get("tile_level0_px", 224))),
         tile_level0_px=int(meta.get("tile_level0_px", 224)),
