@@ -2,7 +2,8 @@
 
 import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
 
-from histoclip.cohort.aggregation import aggregate_slides, embedding_paths
+from histoclip.cohort.aggregation import aggregate_slides
+from histoclip.formats import embedding_paths
 from histoclip.logs import rule_log
 
 with rule_log(snakemake.log[0], "histoclip.cohort.aggregation") as log:

@@ -2,7 +2,6 @@
 
 import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
 
-from histoclip.cohort.aggregation import embedding_paths
 from histoclip.cohort.clustering import (
     ClusteringSettings,
     cluster_slides,
@@ -11,6 +10,7 @@ from histoclip.cohort.clustering import (
     slide_embeddings_from_tiles,
     write_clustering,
 )
+from histoclip.formats import embedding_paths
 from histoclip.logs import rule_log
 from histoclip.sheets import read_cohort_sheet
 

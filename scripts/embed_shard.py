@@ -3,9 +3,9 @@ and the shard's lines of the embedding manifest → results/embeddings/{model}/s
 
 import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
 
-from histoclip.cohort.aggregation import write_embedding_manifest
 from histoclip.embedding.embed import SlideJob, embed_shard
 from histoclip.embedding.models import ModelSpec, load_model
+from histoclip.formats import write_embedding_manifest
 from histoclip.logs import rule_log
 
 with rule_log(snakemake.log[0], "histoclip.embed") as log:

@@ -2,7 +2,7 @@
 
 import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
 
-from histoclip.cohort.aggregation import embedding_paths
+from histoclip.formats import embedding_paths
 from histoclip.logs import rule_log
 from histoclip.store import concat_tsv_atomic
 

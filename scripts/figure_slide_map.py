@@ -7,6 +7,7 @@ import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path
 import pandas as pd
 
 from histoclip.cohort.clustering import slide_map_figure
+from histoclip.formats import read_calls
 from histoclip.logs import rule_log
 from histoclip.plots import FigureStyle, save_figure
 from histoclip.sheets import read_cohort_sheet
@@ -19,9 +20,7 @@ with rule_log(snakemake.log[0], "histoclip.figures") as log:
     summary = json.loads(Path(snakemake.input.summary).read_text(encoding="utf-8"))
     colourings = {"cluster": table["cluster"].tolist()}
     if hasattr(snakemake.input, "calls"):
-        calls = pd.read_csv(
-            snakemake.input.calls, sep="\t", dtype={"slide_id": str, "call": str}, keep_default_na=False
-        )
+        calls = read_calls(snakemake.input.calls)
         call = dict(zip(calls["slide_id"], calls["call"].replace("", "abstained"), strict=True))
         colourings["zero-shot call"] = [call.get(s) for s in table["slide_id"]]
     labels = {r.slide_id: r.label for r in read_cohort_sheet(snakemake.params.sheet)}

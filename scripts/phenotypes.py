@@ -2,11 +2,10 @@
 
 import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
 
-from histoclip.cohort.aggregation import embedding_paths
 from histoclip.cohort.phenotypes import PhenotypeSettings, run_phenotypes
+from histoclip.formats import embedding_paths, read_text_classifier
 from histoclip.logs import rule_log
 from histoclip.sheets import read_cohort_sheet
-from histoclip.zeroshot.calls import read_text_classifier
 
 with rule_log(snakemake.log[0], "histoclip.cohort.phenotypes") as log:
     records = {r.slide_id: r for r in read_cohort_sheet(snakemake.params.sheet)}

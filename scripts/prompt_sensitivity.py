@@ -2,10 +2,9 @@
 
 import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
 
-from histoclip.cohort.aggregation import embedding_paths
 from histoclip.embedding.models import ModelSpec, load_model
+from histoclip.formats import embedding_paths, read_text_classifier
 from histoclip.logs import rule_log
-from histoclip.zeroshot.calls import read_text_classifier
 from histoclip.zeroshot.prompts import load_prompt_set
 from histoclip.zeroshot.sensitivity import (
     PromptCache,

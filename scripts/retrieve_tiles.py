@@ -5,13 +5,11 @@ from pathlib import Path
 import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
 import numpy as np
 
-from histoclip.cohort.aggregation import embedding_paths
-from histoclip.demo import tile_classes
 from histoclip.embedding.models import ModelSpec, load_model
+from histoclip.formats import embedding_paths, read_tile_metadata, tile_classes
 from histoclip.logs import rule_log
 from histoclip.plots import FigureStyle, write_tsv
 from histoclip.sheets import read_cohort_sheet
-from histoclip.store import read_metadata
 from histoclip.zeroshot.retrieval import query_gallery, text_to_tiles
 
 with rule_log(snakemake.log[0], "histoclip.zeroshot.retrieval") as log:
@@ -37,7 +35,7 @@ with rule_log(snakemake.log[0], "histoclip.zeroshot.retrieval") as log:
             truth = [
                 str(tile_classes(
                     Path(snakemake.input.class_maps[0]) / f"{r.slide_id}.png", r.x, r.y,
-                    int(read_metadata(tile_files[r.slide_id])["tile_level0_px"]),
+                    int(read_tile_metadata(tile_files[r.slide_id])["tile_level0_px"]),
                 ))
                 for r in rows.itertuples()
             ]  # fmt: skip

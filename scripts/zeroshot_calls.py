@@ -2,10 +2,10 @@
 
 import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
 
-from histoclip.cohort.aggregation import embedding_paths
+from histoclip.formats import embedding_paths, read_text_classifier
 from histoclip.logs import rule_log
 from histoclip.sheets import read_cohort_sheet
-from histoclip.zeroshot.calls import CallSettings, call_cohort, read_text_classifier
+from histoclip.zeroshot.calls import CallSettings, call_cohort
 
 with rule_log(snakemake.log[0], "histoclip.zeroshot.classifier") as log:
     records = {r.slide_id: r for r in read_cohort_sheet(snakemake.params.sheet)}

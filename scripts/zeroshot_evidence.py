@@ -5,23 +5,22 @@ from dataclasses import replace
 import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
 import pandas as pd
 
+from histoclip.formats import called_classes, read_calls, read_tile_scores_metadata
 from histoclip.logs import rule_log
 from histoclip.plots import FigureStyle, write_tsv
-from histoclip.store import read_metadata
 from histoclip.zeroshot.evidence import EvidenceOptions, slide_evidence
 
 with rule_log(snakemake.log[0], "histoclip.zeroshot.evidence") as log:
-    calls = pd.read_csv(snakemake.input.calls, sep="\t", dtype={"slide_id": str, "call": str, "label": str})
-    calls = calls.set_index("slide_id", drop=False)
+    calls = read_calls(snakemake.input.calls).set_index("slide_id", drop=False)
     options = EvidenceOptions.from_config(snakemake.params.options)
-    called = [c[len("p_") :] for c in calls.columns if c.startswith("p_")]
+    called = called_classes(calls)
     settings = snakemake.params.zeroshot
     style = replace(FigureStyle.from_config(snakemake.params.style), formats=("png",))
     for i, slide_id in enumerate(snakemake.params.slides):
         scores_path = f"{snakemake.input.tile_scores}/{slide_id}.parquet"
         classes = list(called)
         if options.include_background:
-            classes += [c for c in read_metadata(scores_path).get("classes", []) if c not in classes]
+            classes += [c for c in read_tile_scores_metadata(scores_path).get("classes", []) if c not in classes]
         shown = slide_evidence(
             snakemake.params.slide_files[i],
             snakemake.params.tiles[i],

@@ -14,10 +14,10 @@ from histoclip.cohort.aggregation import (
     aggregate_slides,
     class_topk_embeddings,
     patient_embeddings,
-    read_slide_embeddings,
     slide_embedding,
 )
 from histoclip.errors import InputError
+from histoclip.formats import embedding_paths, read_slide_embeddings, write_embedding_manifest
 
 SHA = "ab" * 32
 
@@ -172,7 +172,6 @@ def test_patient_embedding_is_tile_weighted_and_skips_empty_slides():
 
 
 def test_embedding_manifest_lists_the_files_in_sheet_order_and_refuses_a_stale_one(tmp_path):
-    from histoclip.cohort.aggregation import embedding_paths, write_embedding_manifest
     from histoclip.errors import InputError
 
     files = [f"results/embeddings/m/{s}.parquet" for s in ("b", "a", "c")]

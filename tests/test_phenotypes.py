@@ -26,8 +26,8 @@ from histoclip.cohort.phenotypes import (
 )
 from histoclip.config import default_config
 from histoclip.errors import InputError
+from histoclip.formats import TextClassifier
 from histoclip.plots import FigureStyle
-from histoclip.zeroshot.calls import TextClassifier
 
 SHA = "a" * 64
 

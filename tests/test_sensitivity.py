@@ -135,8 +135,9 @@ def test_cohort_run_reproduces_the_zero_shot_rule(model, prompt_set, tmp_path):
 
     from histoclip import store
     from histoclip.errors import InputError
+    from histoclip.formats import read_text_classifier
     from histoclip.sheets import SlideRecord
-    from histoclip.zeroshot.calls import CallSettings, call_cohort, read_text_classifier, write_text_classifier
+    from histoclip.zeroshot.calls import CallSettings, call_cohort, write_text_classifier
 
     classifier_path = tmp_path / "zs" / "text_classifier.parquet"
     stored = write_text_classifier(model, prompt_set, classifier_path)

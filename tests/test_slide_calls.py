@@ -14,10 +14,11 @@ from histoclip.config import default_config
 from histoclip.demo import write_pyramid_tiff
 from histoclip.embedding.embed import SlideJob, embed_shard
 from histoclip.embedding.models import ModelSpec, load_model
+from histoclip.formats import read_text_classifier
 from histoclip.sheets import SlideRecord
 from histoclip.store import read_metadata
 from histoclip.tiling.grid import TilingParams, run_tiling
-from histoclip.zeroshot.calls import CallSettings, call_cohort, read_text_classifier, write_text_classifier
+from histoclip.zeroshot.calls import CallSettings, call_cohort, write_text_classifier
 from histoclip.zeroshot.prompts import load_prompt_set
 
 REPO = Path(__file__).resolve().parents[1]

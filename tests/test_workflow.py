@@ -254,7 +254,7 @@ def test_demo_slide_embeddings_few_shot_and_prompt_sensitivity(demo_run):
 
 
 def test_demo_evidence_and_retrieval_find_the_true_tissue(demo_run):
-    from histoclip.demo import tile_classes
+    from histoclip.formats import tile_classes
 
     results = demo_run / "results"
     sheet = pd.read_csv(results / "demo/slides.tsv", sep="\t")
@@ -296,7 +296,8 @@ def test_demo_cox_model_recovers_the_simulated_effects(demo_run):
 def test_demo_tile_phenotypes_match_the_true_tissue_classes(demo_run):
     from sklearn.metrics import adjusted_rand_score
 
-    from histoclip.demo import TISSUE_CLASSES, read_class_map
+    from histoclip.demo import TISSUE_CLASSES
+    from histoclip.formats import read_class_map
 
     results = demo_run / "results"
     truth, purity, predicted = [], [], []

@@ -13,10 +13,11 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from histoclip.formats import called_classes, probability_column
 from histoclip.plots import FigureStyle, class_colours, new_figure
 from histoclip.zeroshot.evaluation import binary_auc, evaluated_slides
 
-__all__ = ["called_classes", "cohort_qc_figure", "roc_points", "zeroshot_confusion_figure", "zeroshot_roc_figure"]
+__all__ = ["cohort_qc_figure", "roc_points", "zeroshot_confusion_figure", "zeroshot_roc_figure"]
 
 
 def cohort_qc_figure(cohort: pd.DataFrame, style: FigureStyle) -> tuple[Figure, pd.DataFrame]:
@@ -62,11 +63,6 @@ def _evaluated(calls: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
     if subset.empty:
         raise ValueError("no labelled, non-training slides with tiles: nothing to evaluate")
     return subset
-
-
-def called_classes(calls: pd.DataFrame) -> list[str]:
-    """Called classes of a calls.tsv, in column order (``p_<class>`` columns)."""
-    return [c[2:] for c in calls.columns if c.startswith("p_")]
 
 
 def zeroshot_confusion_figure(calls: pd.DataFrame, style: FigureStyle, title: str = "") -> tuple[Figure, pd.DataFrame]:
@@ -129,7 +125,7 @@ def zeroshot_roc_figure(calls: pd.DataFrame, style: FigureStyle, title: str = ""
     probabilities exist even where the call is withheld); with two classes, the one curve of the second."""
     classes = called_classes(calls)
     subset = _evaluated(calls, classes)
-    probabilities = subset[[f"p_{c}" for c in classes]].to_numpy(dtype=np.float64)
+    probabilities = subset[[probability_column(c) for c in classes]].to_numpy(dtype=np.float64)
     points = roc_points(subset["label"].tolist(), probabilities, classes)
     if len(classes) == 2:  # the two one-vs-rest curves are mirror images: show the second class's, as sklearn
         points = points[points["class"] == classes[1]].reset_index(drop=True)

@@ -20,7 +20,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from histoclip.store import atomic_path, package_versions
+from histoclip.store import atomic_path, package_versions, write_tsv
 
 __all__ = ["FigureStyle", "class_colours", "figure_paths", "new_figure", "save_figure", "write_tsv"]
 
@@ -131,12 +131,6 @@ def save_figure(
         write_tsv(data, final)
         written.append(final)
     return written
-
-
-def write_tsv(frame: pd.DataFrame, path: str | os.PathLike[str], *, float_format: str = "%.6g") -> None:
-    """TSV the way every table of the workflow is written: atomic, tab-separated, '\\n' line ends, no index."""
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, sep="\t", index=False, lineterminator="\n", float_format=float_format)
 
 
 def figure_paths(stem: str, formats: Iterable[str]) -> list[str]:

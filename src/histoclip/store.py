@@ -18,10 +18,13 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 #: Packages whose versions are recorded in every output's provenance.
 PROVENANCE_PACKAGES = (
@@ -114,6 +117,12 @@ def link_atomic(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Non
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def write_tsv(frame: pd.DataFrame, path: str | os.PathLike[str], *, float_format: str = "%.6g") -> None:
+    """TSV the way every table of the workflow is written: atomic, tab-separated, '\\n' line ends, no index."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, sep="\t", index=False, lineterminator="\n", float_format=float_format)
 
 
 def concat_tsv_atomic(parts: Sequence[str | os.PathLike[str]], path: str | os.PathLike[str]) -> None:

@@ -32,20 +32,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from histoclip import store
+from histoclip import formats, store
 from histoclip.errors import InputError
 
 __all__ = [
-    "embedding_paths",
-    "write_embedding_manifest",
     "PROVENANCE_KEYS",
     "aggregate_slides",
     "class_topk_embeddings",
     "patient_embeddings",
-    "read_slide_embeddings",
-    "read_tile_embeddings",
     "slide_embedding",
 ]
 
@@ -115,75 +110,18 @@ def class_topk_embeddings(embeddings: np.ndarray, scores: np.ndarray, k: int) ->
     return out.astype(np.float32)
 
 
-def read_tile_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-    """(x, y, embeddings [N, D] float32, metadata) of one slide's embedding file: the one reader of embedding
-    files, here because this module does not import torch (stats-only jobs read embeddings too)."""
-    table = pq.read_table(path)
-    meta = store.read_metadata(path)
-    column = table.column("embedding").combine_chunks()
-    dim = column.type.list_size
-    values = column.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
-    return table.column("x").to_numpy(), table.column("y").to_numpy(), values, meta
-
-
-def write_embedding_manifest(path: str | Path, slide_ids: Sequence[str], files: Sequence[str | Path]) -> None:
-    """One line per slide (slide_id, path) in sheet order: the file that stands for a model's embeddings.
-
-    Why: rules that read every slide's embeddings take this one file as input instead of 10,000 paths each;
-    Snakemake then resolves the 10,000 files once (for this file's rule) rather than once per such rule, which
-    is most of what planning a large cohort costs. The manifest is rewritten (new mtime) whenever an embedding
-    file changes, so everything downstream still re-runs when it should.
-    """
-    if len(slide_ids) != len(files):
-        raise ValueError(f"{len(slide_ids)} slide ids but {len(files)} embedding files")
-    frame = pd.DataFrame({"slide_id": list(slide_ids), "path": [str(f) for f in files]})
-    store.write_text_atomic(path, frame.to_csv(sep="\t", index=False, lineterminator="\n"))
-
-
-def embedding_paths(manifest: str | Path, slide_ids: Sequence[str] | None = None) -> list[str]:
-    """The embedding files of a manifest (:func:`write_embedding_manifest`), in its order; with ``slide_ids``,
-    checked to be those slides in that order (a stale manifest would silently pair slides with other files)."""
-    frame = pd.read_csv(manifest, sep="\t", dtype=str, keep_default_na=False)
-    if slide_ids is not None and frame["slide_id"].tolist() != list(slide_ids):
-        raise InputError(
-            "the embedding manifest does not list the sheet's slides in the sheet's order",
-            where=str(manifest),
-            fix="re-run the workflow: Snakemake rewrites the manifest when the sheet changes (or delete the file)",
-        )
-    return frame["path"].tolist()
-
-
 def _read_tile_scores(
     path: str | Path, classes: Sequence[str] | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    table = pq.read_table(path)
-    found = [name[len("score_") :] for name in table.schema.names if name.startswith("score_")]
+    x, y, by_class = formats.read_tile_scores(path)
+    found = list(by_class)
     if classes is not None and list(classes) != found:
         raise InputError(
             f"tile scores have classes {found}, other slides of the cohort {list(classes)}",
             where=str(path),
             fix="re-run the zero-shot rule so that every slide is scored with the same prompt set",
         )
-    if not found:
-        raise InputError("no score_<class> columns", where=str(path), fix="point at a zero-shot tile_scores file")
-    scores = (
-        np.column_stack([table.column(f"score_{c}").to_numpy() for c in found])
-        if table.num_rows
-        else np.zeros((0, len(found)))
-    )
-    return table.column("x").to_numpy(), table.column("y").to_numpy(), scores, found
-
-
-def _vectors_column(vectors: list[np.ndarray | None], dim: int) -> pa.Array:
-    """A fixed_size_list<float32>[dim] column with nulls where a vector is None."""
-    flat = np.zeros((len(vectors), dim), dtype=np.float32)
-    valid = np.zeros(len(vectors), dtype=bool)
-    for i, vector in enumerate(vectors):
-        if vector is not None:
-            flat[i] = vector
-            valid[i] = True
-    values = pa.array(flat.reshape(-1), pa.float32())
-    return pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(~valid))
+    return x, y, np.column_stack(list(by_class.values())), found
 
 
 def aggregate_slides(
@@ -222,7 +160,7 @@ def aggregate_slides(
     n_tiles: list[int] = []
     empty: list[str] = []
     for i, (slide_id, path) in enumerate(zip(slide_ids, embedding_files, strict=True)):
-        x, y, tiles, meta = read_tile_embeddings(path)
+        x, y, tiles, meta = formats.read_tile_embeddings(path)
         this = {key: meta.get(key) for key in PROVENANCE_KEYS}
         if provenance is None:
             provenance, first_file = this, path
@@ -264,12 +202,13 @@ def aggregate_slides(
         "slide_id": pa.array(list(slide_ids), pa.string()),
         "patient_id": pa.array(list(patient_ids), pa.string()),
         "n_tiles": pa.array(n_tiles, pa.int64()),
-        "embedding": _vectors_column(vectors, dim),
+        "embedding": formats.vectors_column(vectors, dim),
     }
     if tile_score_files is not None and classes is None:
         log.warning("no slide has tiles: no per-class embedding columns can be named")
     for c, cls in enumerate(classes or []):
-        columns[f"{CLASS_PREFIX}{cls}"] = _vectors_column([None if v is None else v[c] for v in class_vectors], dim)
+        class_column = [None if v is None else v[c] for v in class_vectors]
+        columns[f"{CLASS_PREFIX}{cls}"] = formats.vectors_column(class_column, dim)
     table = pa.table(columns)
     metadata: dict[str, Any] = {
         **(provenance or {}),
@@ -285,48 +224,19 @@ def aggregate_slides(
         }
     metadata |= extra_metadata or {}
     if out_path is not None:
-        store.write_table_atomic(out_path, table, metadata)
+        formats.write_slide_embeddings(out_path, table, metadata)
     existing = table.schema.metadata or {}
     return table.replace_schema_metadata(
         {**existing, **{k.encode(): store.json_value(v).encode() for k, v in metadata.items()}}
     )
 
 
-def read_slide_embeddings(path: str | Path, column: str = "embedding") -> tuple[pd.DataFrame, np.ndarray]:
-    """(slide_id / patient_id / n_tiles as a DataFrame, embeddings ``[n, D]`` float32) of a slide table.
-
-    Rows of slides without an embedding are NaN in the matrix (test with ``np.isnan(m).any(axis=1)``).
-    """
-    table = pq.read_table(path)
-    if column not in table.schema.names:
-        raise InputError(
-            f"no column {column!r} (has {table.schema.names})",
-            where=str(path),
-            fix="pick an existing embedding column, or enable per-class embeddings in the aggregation config",
-        )
-    frame = table.select(["slide_id", "patient_id", "n_tiles"]).to_pandas()
-    return frame, _matrix(table.column(column).combine_chunks())
-
-
-def _matrix(column: pa.Array) -> np.ndarray:
-    dim = column.type.list_size
-    values = column.flatten() if column.null_count == 0 else None
-    if values is not None:
-        return values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
-    out = np.full((len(column), dim), np.nan, dtype=np.float32)
-    valid = column.is_valid().to_numpy(zero_copy_only=False)
-    # .values is the child array over all slots, nulls included (fixed size), so rows line up by index
-    child = column.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
-    out[valid] = child[column.offset : column.offset + len(column)][valid]
-    return out
-
-
 def patient_embeddings(slides: pd.DataFrame, embeddings: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
     """Patient embeddings: per patient, the tile-weighted mean of their slide embeddings, renormalised.
 
     ``slides`` has ``patient_id`` and ``n_tiles`` per row of ``embeddings`` ``[n_slides, D]`` (as returned by
-    :func:`read_slide_embeddings`). Slides without tiles (or a NaN embedding) carry no weight; a patient with
-    none of them gets a NaN row and ``n_tiles = 0``. Returns (``patient_id``, ``n_slides``, ``n_tiles``
+    :func:`histoclip.formats.read_slide_embeddings`). Slides without tiles (or a NaN embedding) carry no weight; a
+    patient with none of them gets a NaN row and ``n_tiles = 0``. Returns (``patient_id``, ``n_slides``, ``n_tiles``
     DataFrame in order of first appearance, float32 matrix ``[n_patients, D]``).
     """
     embeddings = np.asarray(embeddings, dtype=np.float64)

@@ -29,9 +29,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
-from histoclip import store
+from histoclip import formats, store
 from histoclip.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -97,17 +96,14 @@ def _normalise_rows(values: np.ndarray) -> np.ndarray:
 
 def read_slide_embeddings(path: str | Path) -> SlideFeatures:
     """Slide embeddings of the aggregation stage's table (``results/slides/{model}.parquet``), renormalised."""
-    from histoclip.cohort.aggregation import read_slide_embeddings as read_slide_table
-
-    table = pq.read_schema(path)
-    missing = {"slide_id", "patient_id", "n_tiles", "embedding"} - set(table.names)
+    missing = {"slide_id", "patient_id", "n_tiles", "embedding"} - set(formats.slide_embedding_columns(path))
     if missing:
         raise InputError(
             f"lacks column(s) {', '.join(sorted(missing))}",
             where=str(path),
             fix="re-run the aggregation stage (it writes slide_id, patient_id, n_tiles, embedding)",
         )
-    frame, values = read_slide_table(path)
+    frame, values = formats.read_slide_embeddings(path)
     n_tiles = frame["n_tiles"].to_numpy(np.int64)
     values = values.astype(np.float64)
     values[n_tiles == 0] = np.nan
@@ -139,14 +135,8 @@ def slide_embeddings_from_tiles(
 
 def composition_features(path: str | Path) -> SlideFeatures:
     """Square-rooted phenotype fractions (Hellinger embedding) from ``composition.tsv``."""
-    table = pd.read_csv(path, sep="\t", dtype={"slide_id": str, "patient_id": str})
-    columns = [c for c in table.columns if c.startswith("phenotype_")]
-    if not columns or not {"slide_id", "patient_id", "n_tiles"} <= set(table.columns):
-        raise InputError(
-            "is not a phenotype composition table (slide_id, patient_id, n_tiles, phenotype_00 …)",
-            where=str(path),
-            fix="re-run the phenotypes rule",
-        )
+    table = formats.read_composition(path)
+    columns = [c for c in table.columns if c.startswith(formats.PHENOTYPE_PREFIX)]
     fractions = table[columns].to_numpy(np.float64)
     return SlideFeatures(
         table["slide_id"].tolist(),

@@ -40,7 +40,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from histoclip import store
+from histoclip import formats, store
 from histoclip.errors import InputError
 from histoclip.plots import write_tsv
 
@@ -103,10 +103,8 @@ def phenotype_columns(k: int) -> list[str]:
 
 
 def read_embedding_matrix(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(x, y, embeddings [N, D] float32) of one embedding file, read by the workflow's one (torch-free) reader."""
-    from histoclip.cohort.aggregation import read_tile_embeddings
-
-    x, y, embeddings, _ = read_tile_embeddings(path)
+    """(x, y, embeddings [N, D] float32) of one embedding file (:func:`histoclip.formats.read_tile_embeddings`)."""
+    x, y, embeddings, _ = formats.read_tile_embeddings(path)
     return x, y, embeddings
 
 
@@ -115,26 +113,7 @@ def _slide_rng(seed: int, slide_id: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(slide_id.encode())])
 
 
-@dataclass(frozen=True)
-class _Footer:
-    """What the footer of an embedding file says (read without touching the data)."""
-
-    path: str
-    n_rows: int
-    dim: int
-    weights_sha256: str | None
-
-
-def _footer(path: str | Path) -> _Footer:
-    file = pq.ParquetFile(path)
-    schema = file.schema_arrow
-    meta = store.read_metadata(path)
-    return _Footer(
-        str(path), file.metadata.num_rows, schema.field("embedding").type.list_size, meta.get("weights_sha256")
-    )
-
-
-def _check_same_model(footers: Sequence[_Footer]) -> tuple[str | None, int]:
+def _check_same_model(footers: Sequence[formats.EmbeddingFooter]) -> tuple[str | None, int]:
     """The weights hash and dimension every embedding file shares; an error naming the first file that differs."""
     first = footers[0]
     for footer in footers[1:]:
@@ -177,7 +156,7 @@ def sample_tiles(
         raise ValueError(f"{len(slide_ids)} slide ids but {len(paths)} embedding files")
     if not paths:
         raise InputError("no slides", where="cohort sheet", fix="add slides to the sheet")
-    footers = [_footer(p) for p in paths]
+    footers = [formats.read_embedding_footer(p) for p in paths]
     weights_sha, dim = _check_same_model(footers)
     order = sorted(range(len(paths)), key=lambda i: (_slide_rng(settings.seed, slide_ids[i]).random(), i))
     items, total = [], 0
@@ -380,7 +359,7 @@ def iter_assignments(
 
     def work(item: tuple[str, str | Path]) -> SlideAssignment:
         slide_id, path = item
-        footer = _footer(path)
+        footer = formats.read_embedding_footer(path)
         if model.weights_sha256 is not None and footer.weights_sha256 not in (None, model.weights_sha256):
             raise InputError(
                 f"embeddings were made with weights {footer.weights_sha256[:12]}…, "
@@ -507,7 +486,7 @@ def _run_phenotypes(
         )
     timings["assign_s"] = time.perf_counter() - clock
     composition = pd.DataFrame(rows, columns=["slide_id", "patient_id", "n_tiles", *columns])
-    write_tsv(composition, out_dir / "composition.tsv")
+    formats.write_composition(out_dir / "composition.tsv", composition)
 
     total = int(counts_total.sum())
     phenotypes = pd.DataFrame(
@@ -537,7 +516,7 @@ def _run_phenotypes(
     else:
         log.warning("no prompt set configured (zeroshot.prompt_sets): phenotypes are not named, no class fractions")
         by_class = composition[["slide_id", "patient_id", "n_tiles"]].copy()
-    write_tsv(by_class, out_dir / "class_composition.tsv")
+    formats.write_composition(out_dir / "class_composition.tsv", by_class)
 
     gallery_rows = []
     for p, tiles in enumerate(central):
@@ -600,7 +579,7 @@ def read_gallery_pixels(
                 where=f"slide {slide_id!r}",
                 fix="re-run the phenotypes rule after changing the sheet",
             )
-        meta = store.read_metadata(tile_files[slide_id])
+        meta = formats.read_tile_metadata(tile_files[slide_id])
         level, read_px, tile_px = int(meta["read_level"]), int(meta["read_tile_px"]), int(meta["tile_px"])
         slide = open_wsi(slide_paths[slide_id], str(slide_id))
         try:

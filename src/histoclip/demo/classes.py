@@ -6,15 +6,28 @@ level 0, with the downsample and the class names in PNG text chunks so that the 
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, PngImagePlugin
 
-from histoclip.store import atomic_path
+from histoclip import formats
+from histoclip.formats import read_class_map, tile_classes
+
+__all__ = [
+    "ADENOCARCINOMA",
+    "BACKGROUND",
+    "CLASS_MAP_DOWNSAMPLE",
+    "FAT",
+    "LYMPHOCYTES",
+    "NECROSIS",
+    "SQUAMOUS",
+    "STROMA",
+    "SUBTYPES",
+    "TISSUE_CLASSES",
+    "read_class_map",
+    "tile_classes",
+    "write_class_map",
+]
 
 #: Tissue classes; a class map stores the index into this tuple.
 TISSUE_CLASSES: tuple[str, ...] = (
@@ -37,37 +50,6 @@ CLASS_MAP_DOWNSAMPLE = 4
 
 
 def write_class_map(path: Path, label: np.ndarray) -> None:
-    """uint8 PNG of class indices; the downsample and class names travel in PNG text chunks."""
-    info = PngImagePlugin.PngInfo()
-    info.add_text("histoclip.downsample", str(CLASS_MAP_DOWNSAMPLE))
-    info.add_text("histoclip.classes", json.dumps(list(TISSUE_CLASSES)))
-    with atomic_path(path) as tmp:
-        Image.fromarray(label, mode="L").save(tmp, format="PNG", pnginfo=info)
-
-
-def read_class_map(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
-    """A class map and its downsample (level-0 px per map px), read from the PNG's text chunk."""
-    with Image.open(path) as image:
-        downsample = int(image.text.get("histoclip.downsample", CLASS_MAP_DOWNSAMPLE))
-        label = np.asarray(image.convert("L") if image.mode != "L" else image).copy()
-    return label, downsample
-
-
-def tile_classes(
-    class_map_path: str | os.PathLike[str],
-    x: np.ndarray | Sequence[int] | int,
-    y: np.ndarray | Sequence[int] | int,
-    tile_level0_px: int,
-) -> np.ndarray:
-    """True tissue class (name) at the centre of each tile; x, y are level-0 top-left corners.
-
-    The centre, not a majority vote, because that is what a user can check by eye on a thumbnail
-    and what tiling code knows without reading pixels. Centres off the map count as background.
-    """
-    label, downsample = read_class_map(class_map_path)
-    cx = (np.asarray(x, dtype=np.int64) + tile_level0_px // 2) // downsample
-    cy = (np.asarray(y, dtype=np.int64) + tile_level0_px // 2) // downsample
-    inside = (cx >= 0) & (cy >= 0) & (cx < label.shape[1]) & (cy < label.shape[0])
-    index = np.zeros(np.broadcast(cx, cy).shape, np.int64)
-    index[inside] = label[cy[inside], cx[inside]]
-    return np.asarray(TISSUE_CLASSES)[index]  # a str array shaped like the broadcast of x and y
+    """The demo's class map, in the format :mod:`histoclip.formats.class_maps` owns (its reader is
+    :func:`histoclip.formats.read_class_map`, re-exported here)."""
+    formats.write_class_map(path, label, CLASS_MAP_DOWNSAMPLE, TISSUE_CLASSES)

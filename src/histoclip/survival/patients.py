@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from histoclip.errors import InputError
+from histoclip.formats import read_slide_tsv
 from histoclip.survival.cells import id_list, is_missing, natural_rank, numeric
 
 log = logging.getLogger(__name__)
@@ -31,30 +32,7 @@ __all__ = [
     "patient_calls",
     "patient_clusters",
     "patient_means",
-    "read_slide_table",
 ]
-
-
-def read_slide_table(path: str | Path, *, kind: str, required: Sequence[str]) -> pd.DataFrame:
-    """A slide-level TSV as text (``slide_id`` unique), with errors naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("file not found", where=f"{kind} {path}", fix="run the stage that writes it")
-    try:
-        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_filter=False)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
-        raise InputError(
-            f"cannot be read ({exc})", where=f"{kind} {path}", fix="re-run the stage that writes it"
-        ) from exc
-    missing = [c for c in required if c not in table.columns]
-    if missing:
-        raise InputError(
-            f"missing column(s) {missing}; found {list(table.columns)}", where=f"{kind} {path}", fix="re-run its stage"
-        )
-    duplicated = table["slide_id"][table["slide_id"].duplicated()]
-    if len(duplicated):
-        raise InputError(f"duplicate slide ids {id_list(duplicated)}", where=f"{kind} {path}", fix="re-run its stage")
-    return table
 
 
 def _as_numbers(table: pd.DataFrame, columns: Sequence[str], where: str) -> pd.DataFrame:
@@ -218,7 +196,7 @@ def load_slide_features(
     features = SlideFeatures()
     if calls is not None:
         where = f"zero-shot calls {calls}"
-        table = read_slide_table(calls, kind="zero-shot calls", required=["slide_id", "call"])
+        table = read_slide_tsv(calls, kind="zero-shot calls", required=["slide_id", "call"])
         features.calls = patient_calls(table, slide_patients, abstain_margin=abstain_margin, where=where)
         features.sources["calls"] = str(calls)
     for attribute, path, kind in (
@@ -228,7 +206,7 @@ def load_slide_features(
         if path is None:
             continue
         where = f"{kind} {path}"
-        table = read_slide_table(path, kind=kind, required=["slide_id"])
+        table = read_slide_tsv(path, kind=kind, required=["slide_id"])
         columns = [c for c in table.columns if c not in ("slide_id", "patient_id", "n_tiles")]
         if attribute == "phenotypes":
             columns = [c for c in columns if c.startswith("phenotype_")]
@@ -238,7 +216,7 @@ def load_slide_features(
         features.sources[attribute] = str(path)
     if clusters is not None:
         where = f"slide clusters {clusters}"
-        table = read_slide_table(clusters, kind="slide clusters", required=["slide_id", "cluster"])
+        table = read_slide_tsv(clusters, kind="slide clusters", required=["slide_id", "cluster"])
         features.clusters = patient_clusters(table, slide_patients, where=where)
         features.sources["clusters"] = str(clusters)
     return features

@@ -16,9 +16,8 @@ from typing import Any
 
 import numpy as np
 import openslide
-import pyarrow as pa
 
-from histoclip import store
+from histoclip import formats
 from histoclip.config import default_config
 from histoclip.errors import SlideError
 from histoclip.tiling import qc
@@ -270,16 +269,6 @@ def tile_slide(
         )
 
 
-TILE_SCHEMA = pa.schema([("x", pa.int64()), ("y", pa.int64()), ("tissue", pa.float32())])
-
-
-def tile_table(grid: TileGrid) -> pa.Table:
-    return pa.Table.from_arrays(
-        [pa.array(grid.x, pa.int64()), pa.array(grid.y, pa.int64()), pa.array(grid.tissue, pa.float32())],
-        schema=TILE_SCHEMA,
-    )
-
-
 def no_tissue_error(tiling: SlideTiling) -> SlideError:
     """A slide without a single tile is an input problem, not a result: it would drop out of every analysis
     without a word. Blank or failed scans are the usual cause, faint staining the other."""
@@ -323,11 +312,11 @@ def run_tiling(
         if on_slide_error != "record":
             raise
         meta = failed_metadata(slide_id, tiling_kwargs.get("patient_id", ""), str(path), str(exc))
-        store.write_table_atomic(tiles_out, TILE_SCHEMA.empty_table(), meta)
+        formats.write_tile_file(tiles_out, meta)
         qc.save_png(qc.error_thumbnail(slide_id, str(exc)), qc_out)
         return meta
     meta = tiling.metadata()
-    store.write_table_atomic(tiles_out, tile_table(tiling.grid), meta)
+    formats.write_tile_file(tiles_out, meta, tiling.grid.x, tiling.grid.y, tiling.grid.tissue)
     image = qc.qc_thumbnail(
         tiling.qc_rgb,
         tiling.mask,

@@ -15,28 +15,8 @@ import pandas as pd
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from histoclip.store import atomic_path, read_metadata, write_text_atomic
-
-#: Columns of results/qc/cohort.tsv, in order.
-COHORT_COLUMNS = (
-    "slide_id",
-    "patient_id",
-    "status",
-    "error",
-    "vendor",
-    "level0_width",
-    "level0_height",
-    "level_count",
-    "level0_mpp",
-    "mpp_source",
-    "target_mpp",
-    "read_level",
-    "tile_px",
-    "tile_level0_px",
-    "tissue_area_mm2",
-    "n_tiles",
-    "warnings",
-)
+from histoclip import formats
+from histoclip.store import atomic_path
 
 TISSUE_OUTLINE_RGB = (0, 200, 0)
 TILE_RGB = (30, 90, 255)
@@ -89,14 +69,14 @@ def cohort_table(tile_files: Iterable[str | Path]) -> pd.DataFrame:
     """One row per slide from the tile files' metadata (the footer only: cheap for any cohort size)."""
     rows = []
     for path in tile_files:
-        meta = read_metadata(path)
-        row = {column: meta.get(column, "") for column in COHORT_COLUMNS}
+        meta = formats.read_tile_metadata(path)
+        row = {column: meta.get(column, "") for column in formats.COHORT_COLUMNS}
         row["warnings"] = " | ".join(meta.get("warnings", []) or [])
         rows.append(row)
-    return pd.DataFrame(rows, columns=list(COHORT_COLUMNS))
+    return pd.DataFrame(rows, columns=list(formats.COHORT_COLUMNS))
 
 
 def write_cohort_table(tile_files: Iterable[str | Path], path: str | Path) -> pd.DataFrame:
     table = cohort_table(tile_files)
-    write_text_atomic(path, table.to_csv(sep="\t", index=False, float_format="%.6g"))
+    formats.write_cohort_table(table, path)
     return table

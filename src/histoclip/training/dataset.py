@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from histoclip import store
+from histoclip import formats
 from histoclip.errors import InputError
 from histoclip.tiling.slide import open_wsi, read_level_for, read_rgb, undecodable_tile_error
 from histoclip.training.pairs import pair_kind
@@ -39,11 +39,8 @@ class TileSet:
 
 def read_tile_set(slide_id: str, slide_path: str, tiles_path: str) -> TileSet:
     """A slide's tile positions and read geometry from its tile file (the tile rule's output)."""
-    import pyarrow.parquet as pq
-
-    meta = store.read_metadata(tiles_path)
-    table = pq.read_table(tiles_path, columns=["x", "y"])
-    if table.num_rows == 0:
+    x, y, meta = formats.read_tile_file(tiles_path)
+    if len(x) == 0:
         raise InputError(
             f"the tile file {tiles_path!r} of slide {slide_id!r} has no tiles ({meta.get('error') or 'no tissue'})",
             where=f"slide {slide_id!r}",
@@ -52,8 +49,8 @@ def read_tile_set(slide_id: str, slide_path: str, tiles_path: str) -> TileSet:
     return TileSet(
         slide_id=slide_id,
         slide_path=slide_path or str(meta.get("path", "")),
-        x=table.column("x").to_numpy(),
-        y=table.column("y").to_numpy(),
+        x=x,
+        y=y,
         read_level=int(meta.get("read_level", 0)),
         read_tile_px=int(meta.get("read_tile_px", meta.get("tile_level0_px", 224))),
         tile_level0_px=int(meta.get("tile_level0_px", 224)),

@@ -16,12 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from histoclip import store
-from histoclip.cohort.aggregation import read_tile_embeddings as read_embeddings
+from histoclip import formats, store
 from histoclip.config import default_config
+from histoclip.formats import TextClassifier, probability_column
 from histoclip.sheets import SlideRecord
 from histoclip.zeroshot.classifier import call_slide, pool, text_classifier, tile_scores
 from histoclip.zeroshot.evaluation import evaluate, evaluated_slides
@@ -31,19 +29,6 @@ if TYPE_CHECKING:  # torch only where a model is used: stats-only jobs read clas
     from histoclip.embedding.models import LoadedModel
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TextClassifier:
-    classes: list[str]
-    called: list[bool]
-    weights: np.ndarray
-    logit_scale: float
-    metadata: dict[str, Any]
-
-    @property
-    def called_classes(self) -> list[str]:
-        return [c for c, is_called in zip(self.classes, self.called, strict=True) if is_called]
 
 
 @dataclass(frozen=True)
@@ -67,32 +52,15 @@ def write_text_classifier(model: LoadedModel, prompt_set: PromptSet, path: str |
     """Encode every prompt of ``prompt_set`` with ``model`` and store the per-class classifier weights."""
     classes, weights = text_classifier(lambda texts: model.encode_texts(texts).cpu().numpy(), prompt_set)
     called = [c in prompt_set.classes for c in classes]
-    dim = weights.shape[1]
-    table = pa.table(
-        {
-            "class": pa.array(classes, pa.string()),
-            "called": pa.array(called, pa.bool_()),
-            "n_prompts": pa.array([len(prompt_set.prompts(c)) for c in classes], pa.int32()),
-            "weights": pa.FixedSizeListArray.from_arrays(pa.array(weights.astype(np.float32).ravel()), dim),
-        }
-    )
     meta = {
         "prompt_set": prompt_set.name,
         "prompts_sha256": prompt_set.sha256,
         "logit_scale": model.logit_scale,
         **model.provenance(),
     }
-    store.write_table_atomic(path, table, meta)
-    return TextClassifier(classes, called, weights, model.logit_scale, meta)
-
-
-def read_text_classifier(path: str | Path) -> TextClassifier:
-    table = pq.read_table(path)
-    meta = store.read_metadata(path)
-    weights = np.stack(table.column("weights").to_numpy(zero_copy_only=False)).astype(np.float64)
-    return TextClassifier(
-        table.column("class").to_pylist(), table.column("called").to_pylist(), weights, meta["logit_scale"], meta
-    )
+    classifier = TextClassifier(classes, called, weights, model.logit_scale, meta)
+    formats.write_text_classifier(path, classifier, [len(prompt_set.prompts(c)) for c in classes])
+    return classifier
 
 
 def call_cohort(
@@ -118,7 +86,7 @@ def call_cohort(
         raise ValueError("text classifier without model provenance")
     rows = []
     for record, path in zip(records, embedding_files, strict=True):
-        x, y, embeddings, meta = read_embeddings(path)
+        x, y, embeddings, meta = formats.read_tile_embeddings(path)
         if meta.get("weights_sha256") != classifier.metadata["weights_sha256"]:
             raise ValueError(
                 f"slide {record.slide_id!r}: embeddings in {path} were made with weights "
@@ -127,13 +95,12 @@ def call_cohort(
             )
         row: dict[str, Any] = {"slide_id": record.slide_id, "n_tiles": len(x), "status": meta.get("status", "ok")}
         scores = tile_scores(embeddings, classifier.weights) if len(x) else np.zeros((0, len(classifier.classes)))
-        tile_table = pa.table(
-            {"x": pa.array(x, pa.int64()), "y": pa.array(y, pa.int64())}
-            | {f"score_{c}": pa.array(scores[:, i].astype(np.float32)) for i, c in enumerate(classifier.classes)}
-        )
-        store.write_table_atomic(
+        formats.write_tile_scores(
             out_dir / "tile_scores" / f"{record.slide_id}.parquet",
-            tile_table,
+            x,
+            y,
+            scores,
+            classifier.classes,
             {
                 "slide_id": record.slide_id,
                 "classes": classifier.classes,
@@ -142,7 +109,7 @@ def call_cohort(
         )
         if len(x) == 0:
             row |= {"call": "", "best": "", "margin": np.nan, "abstain": True}
-            row |= {f"p_{c}": np.nan for c in called}
+            row |= {probability_column(c): np.nan for c in called}
             if row["status"] == "ok":
                 row["status"] = "no tiles"
         else:
@@ -151,16 +118,17 @@ def call_cohort(
             )
             result = call_slide(slide_scores, called, classifier.logit_scale, settings.abstain_margin)
             row |= {"call": result.call or "", "best": result.best, "margin": result.margin, "abstain": result.abstain}
-            row |= {f"p_{c}": result.probabilities[c] for c in called}
+            row |= {probability_column(c): result.probabilities[c] for c in called}
         if record.label is not None:
             row["label"] = record.label
         if "split" in record.extra:
             row["split"] = record.extra["split"]
         rows.append(row)
-    columns = ["slide_id", "call", *[f"p_{c}" for c in called], "margin", "abstain", "best", "n_tiles", "status"]
+    probabilities = [probability_column(c) for c in called]
+    columns = ["slide_id", "call", *probabilities, "margin", "abstain", "best", "n_tiles", "status"]
     calls = pd.DataFrame(rows)
     calls = calls[columns + [c for c in ("label", "split") if c in calls.columns]]
-    store.write_text_atomic(out_dir / "calls.tsv", calls.to_csv(sep="\t", index=False, float_format="%.6g"))
+    formats.write_calls(out_dir / "calls.tsv", calls)
     if "label" in calls.columns:
         _write_evaluation(calls, called, out_dir, settings)
     return calls
@@ -175,7 +143,7 @@ def _write_evaluation(calls: pd.DataFrame, called: Sequence[str], out_dir: Path,
         log.warning("no labelled, non-training slides to evaluate")
         return
     predictions = [c if c else None for c in subset["call"]]
-    probs = subset[[f"p_{c}" for c in called]].to_numpy(dtype=np.float64)
+    probs = subset[[probability_column(c) for c in called]].to_numpy(dtype=np.float64)
     result = evaluate(
         subset["label"].tolist(), predictions, probs, list(called), n_bootstrap=settings.bootstrap, seed=settings.seed
     )

@@ -21,13 +21,12 @@ from typing import Any
 import numpy as np
 import openslide
 import pandas as pd
-import pyarrow.parquet as pq
 from matplotlib import colormaps
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from PIL import Image
 
-from histoclip import store
+from histoclip import formats
 from histoclip.config import default_config
 from histoclip.errors import InputError
 from histoclip.plots import FigureStyle, new_figure, save_figure
@@ -37,7 +36,6 @@ __all__ = [
     "EvidenceOptions",
     "TileLayout",
     "heatmap_overlay",
-    "read_tile_scores",
     "read_tiles",
     "score_grid",
     "slide_evidence",
@@ -86,7 +84,7 @@ class TileLayout:
     @classmethod
     def from_tile_file(cls, path: str | os.PathLike[str]) -> TileLayout:
         """Read the layout from a tile file's footer only (no rows)."""
-        return cls.from_metadata(store.read_metadata(path), str(path))
+        return cls.from_metadata(formats.read_tile_metadata(path), str(path))
 
 
 @dataclass(frozen=True)
@@ -100,24 +98,6 @@ class EvidenceOptions:
     def from_config(cls, config: Mapping[str, Any]) -> EvidenceOptions:
         evidence = config["figures"]["evidence"]
         return cls(evidence["top_n"], evidence["include_background"])
-
-
-def read_tile_scores(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """(x, y, {class: scores}) of one slide's tile-score file (``score_<class>`` columns, as the zeroshot rule
-    writes them)."""
-    table = pq.read_table(path)
-    scores = {
-        name[len("score_") :]: table.column(name).to_numpy().astype(np.float32)
-        for name in table.column_names
-        if name.startswith("score_")
-    }
-    if not {"x", "y"} <= set(table.column_names) or not scores:
-        raise InputError(
-            f"not a tile-score file: columns {table.column_names} (expected x, y and score_<class>)",
-            where=str(path),
-            fix="re-run the zeroshot rule that writes tile_scores/",
-        )
-    return table.column("x").to_numpy(), table.column("y").to_numpy(), scores
 
 
 def score_grid(
@@ -261,7 +241,7 @@ def slide_evidence(
     defaults = default_config()
     options = options or EvidenceOptions.from_config(defaults)
     style = style or FigureStyle.from_config(defaults)
-    x, y, scores = read_tile_scores(scores_path)
+    x, y, scores = formats.read_tile_scores(scores_path)
     unknown = [c for c in classes if c not in scores]
     if unknown:
         raise InputError(
@@ -269,7 +249,7 @@ def slide_evidence(
             where=str(scores_path),
             fix="re-run the zeroshot rule with the prompt set these classes come from",
         )
-    tile_meta = store.read_metadata(tiles_path)
+    tile_meta = formats.read_tile_metadata(tiles_path)
     slide_id = str(tile_meta.get("slide_id", Path(tiles_path).stem))
     columns = ["slide_id", "class", "rank", "x", "y", *[f"score_{c}" for c in scores]]
     if len(x) == 0:

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from histoclip import formats
 from histoclip.config import default_config
 from histoclip.errors import InputError
 from histoclip.zeroshot.evaluation import evaluate, evaluated_slides
@@ -264,13 +265,9 @@ def summarise(
     return pd.DataFrame(rows, columns=["method", "k", "n_draws", "median", "min", "max", "n_test", "note"])
 
 
-def called_classes(calls: pd.DataFrame) -> list[str]:
-    """The called classes of a calls.tsv: its ``p_<class>`` columns, in order."""
-    return [c[2:] for c in calls.columns if c.startswith("p_")]
-
-
 def read_calls(path: str | Path) -> pd.DataFrame:
-    calls = pd.read_csv(path, sep="\t", dtype={"slide_id": str, "label": str, "split": str}, keep_default_na=False)
+    """The calls table (:func:`histoclip.formats.read_calls`), checked to have what few-shot needs: labels."""
+    calls = formats.read_calls(path)
     missing = {"slide_id", "best", "n_tiles", "label"} - set(calls.columns)
     if missing:
         fix = (
@@ -294,13 +291,11 @@ def run_fewshot(
     Held-out slides without a slide embedding are dropped from both sides (with a warning) so that both
     numbers are always on the same slides.
     """
-    from histoclip.cohort.aggregation import read_slide_embeddings
-
     calls = read_calls(calls_path)
-    classes = called_classes(calls)
+    classes = formats.called_classes(calls)
     if len(classes) < 2:
         raise InputError(f"needs at least 2 called classes, found {classes}", where=str(calls_path))
-    frame, matrix = read_slide_embeddings(slide_table, embedding_column)
+    frame, matrix = formats.read_slide_embeddings(slide_table, embedding_column)
     has_embedding = dict(zip(frame["slide_id"].astype(str), ~np.isnan(matrix).any(axis=1), strict=True))
     row_of = {s: i for i, s in enumerate(frame["slide_id"].astype(str))}
     unknown = sorted(set(calls["slide_id"]) - set(row_of))

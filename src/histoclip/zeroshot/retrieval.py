@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from histoclip.cohort.aggregation import read_slide_embeddings, slide_embedding
+from histoclip.cohort.aggregation import slide_embedding
 from histoclip.config import default_config
 from histoclip.errors import InputError
+from histoclip.formats import read_slide_embeddings, read_tile_embeddings
 from histoclip.plots import FigureStyle, new_figure, save_figure, write_tsv
 from histoclip.store import write_text_atomic
 from histoclip.tiling import slide as wsi
@@ -93,12 +94,6 @@ class RunningTopN:
         return self._score[query_index], self._slide[query_index], self._row[query_index]
 
 
-def _read_slide_embeddings(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-    from histoclip.cohort.aggregation import read_tile_embeddings  # the embedding file's one reader (no torch)
-
-    return read_tile_embeddings(path)
-
-
 def _check_weights(meta: Mapping[str, Any], weights_sha256: str | None, path: str | os.PathLike[str]) -> None:
     if weights_sha256 is not None and meta.get("weights_sha256") != weights_sha256:
         raise InputError(
@@ -133,7 +128,7 @@ def text_to_tiles(
     if len(slide_ids) != len(embedding_files):
         raise ValueError(f"{len(slide_ids)} slide ids but {len(embedding_files)} embedding files")
     for index, path in enumerate(embedding_files):
-        x, y, embeddings, meta = _read_slide_embeddings(path)
+        x, y, embeddings, meta = read_tile_embeddings(path)
         _check_weights(meta, weights_sha256, path)
         if len(x) == 0:
             continue
@@ -174,7 +169,7 @@ class SlideVectors:
         kept, vectors, skipped = [], [], []
         weights: tuple[str, Any] | None = None
         for slide_id, path in zip(slide_ids, embedding_files, strict=True):
-            _, _, embeddings, meta = _read_slide_embeddings(path)
+            _, _, embeddings, meta = read_tile_embeddings(path)
             if weights is None:
                 weights = (str(path), meta.get("weights_sha256"))
             elif meta.get("weights_sha256") != weights[1]:

@@ -262,10 +262,10 @@ def cohort_prompt_sensitivity(
     ``classifier_max_abs_difference`` (against ``stored_classifier`` = (classes, weights) of the rule's
     text_classifier.parquet) and ``weights_sha256``; a mismatch is logged as a warning.
     """
-    from histoclip.cohort.aggregation import read_tile_embeddings
     from histoclip.errors import InputError
+    from histoclip.formats import called_classes, probability_column, read_tile_embeddings
     from histoclip.zeroshot.evaluation import evaluated_slides
-    from histoclip.zeroshot.fewshot import called_classes, read_calls
+    from histoclip.zeroshot.fewshot import read_calls
 
     calls = read_calls(calls_path)
     classes = called_classes(calls)
@@ -295,7 +295,7 @@ def cohort_prompt_sensitivity(
     slides = [(s, label, loader(s)) for s, label in zip(held_out["slide_id"], held_out["label"], strict=True)]
     summary, table = run_prompt_sensitivity(prompt_set, cache, logit_scale, slides, settings)
     predictions = [c if c else None for c in held_out["call"]]
-    probabilities = held_out[[f"p_{c}" for c in classes]].to_numpy(dtype=np.float64)
+    probabilities = held_out[[probability_column(c) for c in classes]].to_numpy(dtype=np.float64)
     from_calls = evaluate(held_out["label"].tolist(), predictions, probabilities, classes, n_bootstrap=0)
     summary["calls_balanced_accuracy"] = from_calls["balanced_accuracy"]
     summary["weights_sha256"] = weights_sha256
