@@ -23,7 +23,7 @@ rule aggregate:
     conda:
         "../envs/stats.yaml"
     script:
-        "../scripts/aggregate_slides.py"
+        "../scripts/cohort/aggregate_slides.py"
 
 
 rule slide_embeddings:
@@ -61,7 +61,7 @@ rule phenotypes:
     conda:
         "../envs/stats.yaml"
     script:
-        "../scripts/phenotypes.py"
+        "../scripts/cohort/phenotypes.py"
 
 
 rule phenotype_gallery:
@@ -85,7 +85,7 @@ rule phenotype_gallery:
     conda:
         "../envs/gallery.yaml"
     script:
-        "../scripts/figure_phenotype_gallery.py"
+        "../scripts/cohort/figure_phenotype_gallery.py"
 
 
 rule cluster_slides:
@@ -107,7 +107,7 @@ rule cluster_slides:
     conda:
         "../envs/stats.yaml"
     script:
-        "../scripts/cluster_slides.py"
+        "../scripts/cohort/cluster_slides.py"
 
 
 rule figure_slide_map:
@@ -130,7 +130,7 @@ rule figure_slide_map:
     conda:
         "../envs/stats.yaml"
     script:
-        "../scripts/figure_slide_map.py"
+        "../scripts/cohort/figure_slide_map.py"
 
 
 rule phenotypes_and_clusters:

@@ -10,6 +10,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))  # the library beside this Snakefile
+# Snakemake appends this process's sys.path to every rule script's, so scripts/{stage}/*.py find
+# scripts/histoclip_path.py (which then puts this src/ first for them too).
+sys.path.append(str(Path(workflow.basedir) / "scripts"))
 
 from snakemake_interface_executor_plugins.settings import ExecMode
 

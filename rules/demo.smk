@@ -21,7 +21,7 @@ rule demo_cohort:
         "results/logs/demo_cohort.log",
     threads: 2
     script:
-        "../scripts/make_demo_cohort.py"
+        "../scripts/demo/make_demo_cohort.py"
 
 
 rule demo_training_pairs:
@@ -37,4 +37,4 @@ rule demo_training_pairs:
     conda:
         "../envs/torch.yaml"
     script:
-        "../scripts/demo_training_pairs.py"
+        "../scripts/demo/demo_training_pairs.py"

@@ -36,7 +36,7 @@ for _model, _shard, _slides in embedding_shard_rules():
         conda:
             "../envs/torch.yaml"
         script:
-            "../scripts/embed_shard.py"
+            "../scripts/embedding/embed_shard.py"
 
 
 rule embedding_manifest:
@@ -54,4 +54,4 @@ rule embedding_manifest:
     conda:
         "../envs/stats.yaml"
     script:
-        "../scripts/embedding_manifest.py"
+        "../scripts/embedding/embedding_manifest.py"

@@ -17,7 +17,7 @@ rule figure_cohort_qc:
     conda:
         "../envs/stats.yaml"
     script:
-        "../scripts/figure_cohort_qc.py"
+        "../scripts/figures/figure_cohort_qc.py"
 
 
 rule figure_zeroshot:
@@ -45,7 +45,7 @@ rule figure_zeroshot:
     conda:
         "../envs/stats.yaml"
     script:
-        "../scripts/figure_zeroshot.py"
+        "../scripts/figures/figure_zeroshot.py"
 
 
 rule figures:

@@ -19,4 +19,4 @@ rule check:
     conda:
         "../envs/preflight.yaml"
     script:
-        "../scripts/preflight.py"
+        "../scripts/preflight/preflight.py"

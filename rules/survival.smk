@@ -34,7 +34,7 @@ rule survival:
     conda:
         "../envs/stats.yaml"
     script:
-        "../scripts/survival.py"
+        "../scripts/survival/survival.py"
 
 
 rule figure_survival:
@@ -61,7 +61,7 @@ rule figure_survival:
     conda:
         "../envs/stats.yaml"
     script:
-        "../scripts/figure_survival.py"
+        "../scripts/survival/figure_survival.py"
 
 
 rule survival_all:

@@ -33,7 +33,7 @@ for _shard, _slides in tiling_shards().items():
         conda:
             "../envs/slides.yaml"
         script:
-            "../scripts/tile_shard.py"
+            "../scripts/tiling/tile_shard.py"
 
 
 rule cohort_qc:
@@ -48,4 +48,4 @@ rule cohort_qc:
         "results/logs/cohort_qc.log",
     threads: 1
     script:
-        "../scripts/cohort_qc.py"
+        "../scripts/tiling/cohort_qc.py"

@@ -26,4 +26,4 @@ rule train_clip:
     conda:
         "../envs/torch.yaml"
     script:
-        "../scripts/train_clip.py"
+        "../scripts/training/train_clip.py"

@@ -21,7 +21,7 @@ rule encode_prompts:
     conda:
         "../envs/torch.yaml"
     script:
-        "../scripts/encode_prompts.py"
+        "../scripts/zeroshot/encode_prompts.py"
 
 
 rule zeroshot:
@@ -41,7 +41,7 @@ rule zeroshot:
     conda:
         "../envs/torch.yaml"
     script:
-        "../scripts/zeroshot_calls.py"
+        "../scripts/zeroshot/zeroshot_calls.py"
 
 
 # Prompt sensitivity: the zero-shot evaluation re-run for random sub-prompt-sets (one model load, each prompt
@@ -70,7 +70,7 @@ rule prompt_sensitivity:
     conda:
         "../envs/torch.yaml"
     script:
-        "../scripts/prompt_sensitivity.py"
+        "../scripts/zeroshot/prompt_sensitivity.py"
 
 
 rule figure_prompt_sensitivity:
@@ -91,7 +91,7 @@ rule figure_prompt_sensitivity:
     conda:
         "../envs/stats.yaml"
     script:
-        "../scripts/figure_prompt_sensitivity.py"
+        "../scripts/zeroshot/figure_prompt_sensitivity.py"
 
 
 rule prompt_sensitivity_all:
@@ -130,7 +130,7 @@ rule fewshot:
     conda:
         "../envs/stats.yaml"
     script:
-        "../scripts/fewshot.py"
+        "../scripts/zeroshot/fewshot.py"
 
 
 rule fewshot_all:
@@ -180,7 +180,7 @@ for _model, _promptset, _shard, _slides in evidence_shard_rules():
         conda:
             "../envs/retrieval.yaml"
         script:
-            "../scripts/zeroshot_evidence.py"
+            "../scripts/zeroshot/zeroshot_evidence.py"
 
 
 rule retrieve_tiles:
@@ -207,7 +207,7 @@ rule retrieve_tiles:
     conda:
         "../envs/retrieval.yaml"
     script:
-        "../scripts/retrieve_tiles.py"
+        "../scripts/zeroshot/retrieve_tiles.py"
 
 
 rule slide_neighbours:
@@ -231,7 +231,7 @@ rule slide_neighbours:
     conda:
         "../envs/retrieval.yaml"
     script:
-        "../scripts/slide_neighbours.py"
+        "../scripts/zeroshot/slide_neighbours.py"
 
 
 rule evidence:

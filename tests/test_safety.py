@@ -23,7 +23,7 @@ from histoclip.sheets import SAFE_ID, read_cohort_sheet
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_VIT = REPO / "config" / "models" / "tiny-vit.json"
-PYTHON_SOURCES = sorted([*(REPO / "src" / "histoclip").rglob("*.py"), *(REPO / "scripts").glob("*.py")])
+PYTHON_SOURCES = sorted([*(REPO / "src" / "histoclip").rglob("*.py"), *(REPO / "scripts").rglob("*.py")])
 RULE_SOURCES = sorted([REPO / "Snakefile", *(REPO / "rules").glob("*.smk")])
 
 UNSAFE_IDS = [
