@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from histoclip import formats, store
+from histoclip.config import settings_fields
 from histoclip.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -66,11 +67,10 @@ class ClusteringSettings:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ClusteringSettings:
-        section = config["clustering"]
-        values = {f.name: section[f.name] for f in fields(cls) if f.name != "seed"}
+        values = settings_fields(cls, config, "clustering")
         if str(values["k"]).isdigit():  # `--config clustering='{k: 3}'` may arrive as "3"
             values["k"] = int(values["k"])
-        return cls(**values, seed=config["seed"])
+        return cls(**values)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import logging
 import time
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from histoclip import formats, store
+from histoclip.config import settings_fields
 from histoclip.errors import InputError
 from histoclip.plots import write_tsv
 
@@ -76,8 +77,7 @@ class PhenotypeSettings:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> PhenotypeSettings:
-        section = config["phenotypes"]
-        return cls(**{f.name: section[f.name] for f in fields(cls) if f.name != "seed"}, seed=config["seed"])
+        return cls(**settings_fields(cls, config, "phenotypes"))
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from histoclip.config import settings_fields
+
 __all__ = ["SurvivalSettings"]
 
 
@@ -35,6 +37,5 @@ class SurvivalSettings:
     def from_config(cls, config: Mapping[str, Any]) -> SurvivalSettings:
         """From the validated config (or a part of it at the same key paths: ``survival``, ``seed``,
         ``zeroshot.abstain_margin``)."""
-        section = config["survival"]
-        fields = {k: section[k] for k in cls.__dataclass_fields__ if k not in ("seed", "abstain_margin")}
-        return cls(**fields, abstain_margin=config["zeroshot"]["abstain_margin"], seed=config["seed"])
+        margin = config["zeroshot"]["abstain_margin"]
+        return cls(**settings_fields(cls, config, "survival", abstain_margin=margin))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import numpy as np
 import openslide
 
 from histoclip import formats
-from histoclip.config import default_config
+from histoclip.config import default_config, settings_fields
 from histoclip.errors import SlideError
 from histoclip.tiling import qc
 from histoclip.tiling import slide as wsi
@@ -36,7 +36,7 @@ class TilingParams:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> TilingParams:
-        return cls(**{f.name: config["tiling"][f.name] for f in fields(cls)})
+        return cls(**settings_fields(cls, config, "tiling"))
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import numpy as np
 import openslide
 from PIL import Image
 
-from histoclip.config import default_config
+from histoclip.config import default_config, settings_fields
 from histoclip.errors import SlideError
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class MppRange:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> MppRange:
-        return cls(config["mpp"]["min"], config["mpp"]["max"])
+        return cls(**settings_fields(cls, config, "mpp"))
 
     def __contains__(self, mpp: float) -> bool:
         return self.min <= mpp <= self.max

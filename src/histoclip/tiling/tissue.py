@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from histoclip.config import default_config
+from histoclip.config import default_config, settings_fields
 
 __all__ = [
     "TissueParams",
@@ -104,7 +104,7 @@ class TissueParams:
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> TissueParams:
         """The ``tissue`` section but its ``mpp`` (which level is read, not how it is thresholded)."""
-        return cls(**{f.name: config["tissue"][f.name] for f in fields(cls)})
+        return cls(**settings_fields(cls, config, "tissue"))
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from histoclip import formats, store
-from histoclip.config import default_config
+from histoclip.config import default_config, settings_fields
 from histoclip.formats import TextClassifier, probability_column
 from histoclip.sheets import SlideRecord
 from histoclip.zeroshot.classifier import call_slide, pool, text_classifier, tile_scores
@@ -44,8 +44,7 @@ class CallSettings:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> CallSettings:
-        zeroshot = config["zeroshot"]
-        return cls(**{f.name: zeroshot[f.name] for f in fields(cls) if f.name != "seed"}, seed=config["seed"])
+        return cls(**settings_fields(cls, config, "zeroshot"))
 
 
 def write_text_classifier(model: LoadedModel, prompt_set: PromptSet, path: str | Path) -> TextClassifier:

@@ -27,7 +27,7 @@ from matplotlib.colors import Normalize
 from PIL import Image
 
 from histoclip import formats
-from histoclip.config import default_config
+from histoclip.config import default_config, settings_fields
 from histoclip.errors import InputError
 from histoclip.plots import FigureStyle, new_figure, save_figure
 from histoclip.tiling import slide as wsi
@@ -96,8 +96,7 @@ class EvidenceOptions:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> EvidenceOptions:
-        evidence = config["figures"]["evidence"]
-        return cls(evidence["top_n"], evidence["include_background"])
+        return cls(**settings_fields(cls, config, "figures.evidence"))
 
 
 def score_grid(

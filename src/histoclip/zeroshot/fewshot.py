@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from histoclip import formats
-from histoclip.config import default_config
+from histoclip.config import default_config, settings_fields
 from histoclip.errors import InputError
 from histoclip.zeroshot.evaluation import evaluate, evaluated_slides
 
@@ -77,9 +77,7 @@ class FewShotSettings:
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> FewShotSettings:
         """The ``fewshot`` section but its ``embedding_column`` (which slide-table column, read by the caller)."""
-        section = config["fewshot"]
-        keys = ("shots", "draws", "probe_c", "max_iter")
-        return cls(**{key: section[key] for key in keys}, seed=config["seed"])
+        return cls(**settings_fields(cls, config, "fewshot"))
 
     def __post_init__(self) -> None:
         shots = tuple(int(k) for k in self.shots)

@@ -29,14 +29,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from histoclip.config import default_config
+from histoclip.config import default_config, settings_fields
 from histoclip.zeroshot.classifier import call_slide, class_weights, pool, tile_scores
 from histoclip.zeroshot.evaluation import evaluate, prompt_sensitivity
 from histoclip.zeroshot.prompts import PromptSet
@@ -74,8 +74,7 @@ class SensitivitySettings:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> SensitivitySettings:
-        zeroshot = config["zeroshot"]
-        return cls(**{f.name: zeroshot[f.name] for f in fields(cls) if f.name != "seed"}, seed=config["seed"])
+        return cls(**settings_fields(cls, config, "zeroshot"))
 
 
 class PromptCache:
