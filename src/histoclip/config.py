@@ -6,9 +6,10 @@ to the default is worse than an error.
 
 Settings objects (``TilingParams``, ``CallSettings``, ...) have no defaults of their own: each is built by
 ``from_config`` from the validated config, or from any part of it that keeps the config's key paths (what a
-rule passes as a param), its fields read by :func:`settings_fields`. The seed is read the same way, as
-``config["seed"]``. Library callers and tests without a config file take :func:`default_config`, so a default is
-never written twice.
+rule passes as a param): each field at its own name in the class's section, read by
+:func:`settings_fields` (a :class:`SectionSettings` subclass names its section and gets ``from_config`` from
+it). The seed is read the same way, as ``config["seed"]``. Library callers and tests without a config file take
+:func:`default_config`, so a default is never written twice.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import dataclasses
 import functools
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import jsonschema
 import yaml
@@ -151,3 +152,19 @@ def settings_fields(cls: type, config: Mapping[str, Any], section: str, **given:
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             values[f.name] = node[f.name]
     return values
+
+
+class SectionSettings:
+    """Base of a settings dataclass read from one config section: ``class CallSettings(SectionSettings,
+    section="zeroshot")`` gets ``from_config``, each field read by :func:`settings_fields` (so none repeats it)."""
+
+    config_section: ClassVar[str]
+
+    def __init_subclass__(cls, *, section: str, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.config_section = section
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Self:
+        """From the validated config, or any part of it that keeps the config's key paths."""
+        return cls(**settings_fields(cls, config, cls.config_section))

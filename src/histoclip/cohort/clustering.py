@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from histoclip import formats, store
-from histoclip.config import settings_fields
+from histoclip.config import SectionSettings, settings_fields
 from histoclip.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class ClusteringSettings:
+class ClusteringSettings(SectionSettings, section="clustering"):
     """Config key ``clustering`` (plus the workflow ``seed``)."""
 
     slide_features: str
@@ -67,7 +67,7 @@ class ClusteringSettings:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ClusteringSettings:
-        values = settings_fields(cls, config, "clustering")
+        values = settings_fields(cls, config, cls.config_section)
         if str(values["k"]).isdigit():  # `--config clustering='{k: 3}'` may arrive as "3"
             values["k"] = int(values["k"])
         return cls(**values)

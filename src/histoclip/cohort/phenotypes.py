@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 
 from histoclip import formats, store
 from histoclip.cohort.gallery import CentralTiles, gallery_table
-from histoclip.config import settings_fields
+from histoclip.config import SectionSettings
 from histoclip.errors import InputError
 from histoclip.plots import write_tsv
 
@@ -62,7 +62,7 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class PhenotypeSettings:
+class PhenotypeSettings(SectionSettings, section="phenotypes"):
     """Config key ``phenotypes`` (plus the workflow ``seed``)."""
 
     k: int
@@ -74,10 +74,6 @@ class PhenotypeSettings:
     gallery_tiles: int
     gallery_max_tiles_per_slide: int
     seed: int
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> PhenotypeSettings:
-        return cls(**settings_fields(cls, config, "phenotypes"))
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from histoclip.config import settings_fields
+from histoclip.config import SectionSettings, settings_fields
 
 __all__ = ["SurvivalSettings"]
 
 
 @dataclass(frozen=True)
-class SurvivalSettings:
+class SurvivalSettings(SectionSettings, section="survival"):
     """Config key ``survival`` (fitting options), plus the workflow ``seed`` and ``zeroshot.abstain_margin``.
 
     No defaults here: they live in the config schema (``histoclip.config.default_config`` gives them)."""
@@ -38,4 +38,4 @@ class SurvivalSettings:
         """From the validated config (or a part of it at the same key paths: ``survival``, ``seed``,
         ``zeroshot.abstain_margin``)."""
         margin = config["zeroshot"]["abstain_margin"]
-        return cls(**settings_fields(cls, config, "survival", abstain_margin=margin))
+        return cls(**settings_fields(cls, config, cls.config_section, abstain_margin=margin))

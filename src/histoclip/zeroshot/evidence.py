@@ -27,7 +27,7 @@ from matplotlib.colors import Normalize
 from PIL import Image
 
 from histoclip import formats
-from histoclip.config import default_config, settings_fields
+from histoclip.config import SectionSettings, default_config
 from histoclip.errors import InputError
 from histoclip.plots import FigureStyle, new_figure, save_figure
 from histoclip.tiling import slide as wsi
@@ -88,15 +88,11 @@ class TileLayout:
 
 
 @dataclass(frozen=True)
-class EvidenceOptions:
+class EvidenceOptions(SectionSettings, section="figures.evidence"):
     """Config ``figures.evidence``: tiles per class in the gallery, and whether background classes get a panel."""
 
     top_n: int
     include_background: bool
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> EvidenceOptions:
-        return cls(**settings_fields(cls, config, "figures.evidence"))
 
 
 def score_grid(

@@ -278,14 +278,21 @@ def _check_class_name(name: Any, *, where: str) -> str:
     return name
 
 
-def _parse_histoclip(doc: Mapping[str, Any], where: str) -> tuple[dict, dict, dict, str]:
-    unknown = [k for k in doc if k not in _TOP_KEYS]
+def _check_keys(mapping: Mapping[str, Any], allowed: tuple[str, ...], *, what: str, where: str, fix: str) -> None:
+    """Refuse keys of ``mapping`` outside ``allowed``: ``"{what} [keys]; allowed: [...]"``."""
+    unknown = [k for k in mapping if k not in allowed]
     if unknown:
-        raise InputError(
-            f"unknown top-level key(s) {unknown}; allowed: {list(_TOP_KEYS)}",
-            where=where,
-            fix="remove or rename them (class entries go under `classes:` or `background:`)",
-        )
+        raise InputError(f"{what} {unknown}; allowed: {list(allowed)}", where=where, fix=fix)
+
+
+def _parse_histoclip(doc: Mapping[str, Any], where: str) -> tuple[dict, dict, dict, str]:
+    _check_keys(
+        doc,
+        _TOP_KEYS,
+        what="unknown top-level key(s)",
+        where=where,
+        fix="remove or rename them (class entries go under `classes:` or `background:`)",
+    )
     description = doc.get("description") or ""
     if not isinstance(description, str):
         raise InputError("description must be a string", where=f"{where}: description")
@@ -348,13 +355,7 @@ def _parse_class_entry(
             where=at,
             fix="write `synonyms: [...]` under the class",
         )
-    unknown = [k for k in entry if k not in _CLASS_KEYS]
-    if unknown:
-        raise InputError(
-            f"class {name!r} has unknown key(s) {unknown}; allowed: {list(_CLASS_KEYS)}",
-            where=at,
-            fix="rename or remove them",
-        )
+    _check_keys(entry, _CLASS_KEYS, what=f"class {name!r} has unknown key(s)", where=at, fix="rename or remove them")
     if "synonyms" not in entry:
         raise InputError(f"class {name!r} has no synonyms", where=at, fix="add `synonyms: [...]`")
     synonyms = _string_list(

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from histoclip.config import default_config, settings_fields
+from histoclip.config import SectionSettings, default_config
 from histoclip.zeroshot.classifier import call_slide, class_weights, pool, tile_scores
 from histoclip.zeroshot.evaluation import evaluate, prompt_sensitivity
 from histoclip.zeroshot.prompts import PromptSet
@@ -60,7 +60,7 @@ MAX_SCORE_VALUES = 1 << 24
 
 
 @dataclass(frozen=True)
-class SensitivitySettings:
+class SensitivitySettings(SectionSettings, section="zeroshot"):
     """Zero-shot settings (as the zeroshot rule uses them) plus the subset draws (config ``zeroshot``)."""
 
     pooling: str
@@ -71,10 +71,6 @@ class SensitivitySettings:
     template_fraction: float
     synonym_fraction: float
     seed: int
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> SensitivitySettings:
-        return cls(**settings_fields(cls, config, "zeroshot"))
 
 
 class PromptCache:
