@@ -12,15 +12,14 @@ import pytest
 from sklearn.metrics import adjusted_rand_score, pairwise_distances_argmin_min
 
 from histoclip import store
+from histoclip.cohort.gallery import gallery_figure, read_gallery_pixels
 from histoclip.cohort.phenotypes import (
     PhenotypeSettings,
     assign,
     class_composition,
     fit_phenotypes,
-    gallery_figure,
     name_phenotypes,
     phenotype_columns,
-    read_gallery_pixels,
     run_phenotypes,
     sample_tiles,
 )

@@ -3,7 +3,7 @@
 import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
 import pandas as pd
 
-from histoclip.cohort.phenotypes import gallery_figure, read_gallery_pixels
+from histoclip.cohort.gallery import gallery_figure, read_gallery_pixels
 from histoclip.logs import rule_log
 from histoclip.plots import FigureStyle, save_figure
 from histoclip.sheets import read_cohort_sheet

@@ -6,17 +6,20 @@ to the default is worse than an error.
 
 Settings objects (``TilingParams``, ``CallSettings``, ...) have no defaults of their own: each is built by
 ``from_config`` from the validated config, or from any part of it that keeps the config's key paths (what a
-rule passes as a param). The seed is read the same way, as ``config["seed"]``. Library callers and tests
-without a config file take :func:`default_config`, so a default is never written twice.
+rule passes as a param): each field at its own name in the class's section, read by
+:func:`settings_fields` (a :class:`SectionSettings` subclass names its section and gets ``from_config`` from
+it). The seed is read the same way, as ``config["seed"]``. Library callers and tests without a config file take
+:func:`default_config`, so a default is never written twice.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import jsonschema
 import yaml
@@ -128,3 +131,40 @@ def default_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]
 def _schema_defaults() -> dict[str, Any]:
     """Every default of the schema, validated once per process (library calls that take defaults are frequent)."""
     return validate_config({}, source="default_config()")
+
+
+def settings_fields(cls: type, config: Mapping[str, Any], section: str, **given: Any) -> dict[str, Any]:
+    """The keyword arguments of the settings dataclass ``cls``: each field read at its own name in ``section``.
+
+    ``section`` is a key path of the config (``"zeroshot"``, ``"figures.evidence"``). A field named ``seed`` is
+    the workflow seed, ``config["seed"]``; ``given`` are fields read elsewhere by the caller (e.g. survival's
+    ``abstain_margin``, a ``zeroshot`` key); a field with a default of its own is no config key and keeps it.
+    """
+    node: Any = config
+    for key in section.split("."):
+        node = node[key]
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in given:
+            values[f.name] = given[f.name]
+        elif f.name == "seed":
+            values[f.name] = config["seed"]
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            values[f.name] = node[f.name]
+    return values
+
+
+class SectionSettings:
+    """Base of a settings dataclass read from one config section: ``class CallSettings(SectionSettings,
+    section="zeroshot")`` gets ``from_config``, each field read by :func:`settings_fields` (so none repeats it)."""
+
+    config_section: ClassVar[str]
+
+    def __init_subclass__(cls, *, section: str, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.config_section = section
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Self:
+        """From the validated config, or any part of it that keeps the config's key paths."""
+        return cls(**settings_fields(cls, config, cls.config_section))

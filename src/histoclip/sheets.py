@@ -10,8 +10,10 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -101,85 +103,89 @@ def check_cohort_sheet(path: str | Path, *, check_files: bool = True) -> tuple[l
     folded: dict[str, tuple[str, int]] = {}
     records = []
     problems: list[InputError] = []
+    for line, row, where in _rows(path, table):
+        slide_id = row["slide_id"]
+        problem = _slide_id_problem(slide_id, where, seen, folded)
+        if problem is not None:
+            problems.append(problem)
+            continue
+        seen[slide_id] = line
+        folded[slide_id.lower()] = (slide_id, line)
+        try:
+            records.append(_slide_record(row, list(table.columns), base, where, check_files))
+        except InputError as exc:
+            problems.append(exc)
+    return records, problems
+
+
+def _rows(path: Path, table: pd.DataFrame) -> Iterator[tuple[int, dict[str, Any], Callable[[str], str]]]:
+    """Each data row of a sheet with its line in the file and ``where(column)``, the place a problem names."""
     for index, row in zip(table.index, table.to_dict("records"), strict=True):  # iterrows: 10x slower
         line = _line(int(index))
 
         def where(column: str, line: int = line) -> str:
             return f"{path}, line {line}, column {column!r}"
 
-        slide_id = row["slide_id"]
-        if not slide_id:
-            problems.append(InputError("empty slide id.", where=where("slide_id"), fix="give every slide an id."))
-            continue
-        if not SAFE_ID.match(slide_id):
-            problems.append(
-                InputError(
-                    f"slide id {slide_id!r} has characters outside [A-Za-z0-9._-].",
-                    where=where("slide_id"),
-                    fix="use only letters, digits, '.', '_' and '-' (ids become file names).",
-                )
-            )
-            continue
-        if slide_id in (".", ".."):
-            problems.append(
-                InputError(f"slide id {slide_id!r} is not a usable name.", where=where("slide_id"), fix="rename it.")
-            )
-            continue
-        if slide_id in seen:
-            problems.append(
-                InputError(
-                    f"duplicate slide id {slide_id!r} (first on line {seen[slide_id]}).",
-                    where=where("slide_id"),
-                    fix="make slide ids unique.",
-                )
-            )
-            continue
-        if slide_id.lower() in folded:
-            other, other_line = folded[slide_id.lower()]
-            problems.append(
-                InputError(
-                    f"slide id {slide_id!r} differs from {other!r} (line {other_line}) only in letter case, so both "
-                    "would write the same files on a case-insensitive file system (macOS, Windows shares).",
-                    where=where("slide_id"),
-                    fix="make slide ids unique regardless of case.",
-                )
-            )
-            continue
-        seen[slide_id] = line
-        folded[slide_id.lower()] = (slide_id, line)
-        if not row["patient_id"]:
-            problems.append(
-                InputError(f"empty patient id for slide {slide_id!r}.", where=where("patient_id"), fix="fill it in.")
-            )
-            continue
-        if not row["path"]:
-            problems.append(
-                InputError(f"empty path for slide {slide_id!r}.", where=where("path"), fix="give the slide file.")
-            )
-            continue
-        slide_path = Path(os.path.expanduser(row["path"]))
-        if not slide_path.is_absolute():
-            slide_path = base / slide_path
-        if check_files and not slide_path.exists():
-            problems.append(
-                InputError(
-                    f"slide file {str(slide_path)!r} for {slide_id!r} does not exist.",
-                    where=where("path"),
-                    fix="correct the path (relative paths are relative to the sheet's folder).",
-                )
-            )
-            continue
-        mpp = None
-        if "mpp" in table.columns and row["mpp"]:
-            try:
-                mpp = _parse_positive_float(row["mpp"], where=where("mpp"), what="mpp")
-            except InputError as exc:
-                problems.append(exc)
-                continue
-        label = row["label"] if "label" in table.columns and row["label"] else None
-        extra = {c: row[c] for c in table.columns if c not in (*SHEET_COLUMNS, "mpp", "label")}
-        records.append(SlideRecord(slide_id, row["patient_id"], slide_path, mpp, label, extra))
-    return records, problems
+        yield line, row, where
+
+
+def _slide_id_problem(
+    slide_id: str, where: Callable[[str], str], seen: dict[str, int], folded: dict[str, tuple[str, int]]
+) -> InputError | None:
+    """What is wrong with a slide id (empty, unsafe, taken, taken but for letter case), given the ids ``seen``
+    before (with their lines) and ``folded`` (the same, by lower-case id); None for a usable id."""
+    if not slide_id:
+        return InputError("empty slide id.", where=where("slide_id"), fix="give every slide an id.")
+    if not SAFE_ID.match(slide_id):
+        return InputError(
+            f"slide id {slide_id!r} has characters outside [A-Za-z0-9._-].",
+            where=where("slide_id"),
+            fix="use only letters, digits, '.', '_' and '-' (ids become file names).",
+        )
+    if slide_id in (".", ".."):
+        return InputError(f"slide id {slide_id!r} is not a usable name.", where=where("slide_id"), fix="rename it.")
+    if slide_id in seen:
+        return InputError(
+            f"duplicate slide id {slide_id!r} (first on line {seen[slide_id]}).",
+            where=where("slide_id"),
+            fix="make slide ids unique.",
+        )
+    if slide_id.lower() in folded:
+        other, other_line = folded[slide_id.lower()]
+        return InputError(
+            f"slide id {slide_id!r} differs from {other!r} (line {other_line}) only in letter case, so both "
+            "would write the same files on a case-insensitive file system (macOS, Windows shares).",
+            where=where("slide_id"),
+            fix="make slide ids unique regardless of case.",
+        )
+    return None
+
+
+def _slide_record(
+    row: dict[str, Any], columns: list[str], base: Path, where: Callable[[str], str], check_files: bool
+) -> SlideRecord:
+    """The record of a row whose slide id is usable; an :class:`InputError` for its first other problem (empty
+    patient id or path, missing slide file, invalid mpp). Relative paths are relative to ``base``."""
+    slide_id = row["slide_id"]
+    if not row["patient_id"]:
+        raise InputError(f"empty patient id for slide {slide_id!r}.", where=where("patient_id"), fix="fill it in.")
+    if not row["path"]:
+        raise InputError(f"empty path for slide {slide_id!r}.", where=where("path"), fix="give the slide file.")
+    slide_path = Path(os.path.expanduser(row["path"]))
+    if not slide_path.is_absolute():
+        slide_path = base / slide_path
+    if check_files and not slide_path.exists():
+        raise InputError(
+            f"slide file {str(slide_path)!r} for {slide_id!r} does not exist.",
+            where=where("path"),
+            fix="correct the path (relative paths are relative to the sheet's folder).",
+        )
+    mpp = None
+    if "mpp" in columns and row["mpp"]:
+        mpp = _parse_positive_float(row["mpp"], where=where("mpp"), what="mpp")
+    label = row["label"] if "label" in columns and row["label"] else None
+    extra = {c: row[c] for c in columns if c not in (*SHEET_COLUMNS, "mpp", "label")}
+    return SlideRecord(slide_id, row["patient_id"], slide_path, mpp, label, extra)
 
 
 def read_cohort_sheet(path: str | Path, *, check_files: bool = True) -> list[SlideRecord]:
@@ -212,69 +218,10 @@ def read_clinical_table(path: str | Path, patients: list[str] | None = None) -> 
     table = read_table(path, kind="clinical table", required=CLINICAL_COLUMNS)
     problems: list[InputError] = []
     seen: dict[str, int] = {}
-    for index, row in zip(table.index, table.to_dict("records"), strict=True):  # iterrows: 10x slower
-        line = _line(int(index))
-
-        def where(column: str, line: int = line) -> str:
-            return f"{path}, line {line}, column {column!r}"
-
-        pid = row["patient_id"]
-        if not pid:
-            problems.append(InputError("empty patient id.", where=where("patient_id"), fix="fill it in."))
-        elif pid in seen:
-            problems.append(
-                InputError(
-                    f"duplicate patient {pid!r} (first on line {seen[pid]}).",
-                    where=where("patient_id"),
-                    fix="one row per patient.",
-                )
-            )
-        else:
-            seen[pid] = line
-        try:
-            time = float(row["time"])
-        except ValueError:
-            time = math.nan
-        if not math.isfinite(time) or time < 0:
-            problems.append(
-                InputError(
-                    f"{row['time']!r} for patient {pid!r} is not a time ≥ 0.",
-                    where=where("time"),
-                    fix="give the follow-up time as a non-negative number.",
-                )
-            )
-        if row["event"] not in ("0", "1"):
-            problems.append(
-                InputError(
-                    f"{row['event']!r} for patient {pid!r} is not 0 or 1.",
-                    where=where("event"),
-                    fix="use 1 = event observed, 0 = censored (note: a 'censorship' column is the opposite).",
-                )
-            )
+    for line, row, where in _rows(path, table):
+        problems.extend(_clinical_row_problems(row, line, where, seen))
     if not problems and patients is not None:
-        cohort = set(patients)
-        shared = cohort & set(table["patient_id"])
-        if cohort and not shared:
-            problems.append(
-                InputError(
-                    f"none of the {len(cohort)} patients of the cohort sheet has a row here (sheet ids such as "
-                    f"{sorted(cohort)[:3]}; table ids such as {sorted(seen)[:3]}).",
-                    where=f"clinical table {path}, column 'patient_id'",
-                    fix="use the same patient ids in the sheet and the table (e.g. TCGA case ids 'TCGA-XX-XXXX', "
-                    "not slide barcodes), or set clinical: null to run without survival analyses.",
-                )
-            )
-        elif shared and not (table.loc[table["patient_id"].isin(shared), "event"] == "1").any():
-            problems.append(
-                InputError(
-                    f"no events: all {len(shared)} patients of the cohort are censored (event = 0), so no survival "
-                    "model can be fitted.",
-                    where=f"clinical table {path}, column 'event'",
-                    fix="check the event coding (1 = event observed, 0 = censored; a CLAM/SurvPath 'censorship' "
-                    "column is the opposite: event = 1 - censorship), or set clinical: null to run without "
-                    "survival analyses.",
-                )
-            )
+        problems.extend(_cohort_problems(table, patients, sorted(seen), path))
     if problems:
         raise InputErrors(f"{len(problems)} problem(s) in the clinical table", problems)
     out = table.copy()
@@ -288,3 +235,74 @@ def read_clinical_table(path: str | Path, patients: list[str] | None = None) -> 
             out[column] = converted
     missing = sorted(set(patients or []) - set(out["patient_id"]))
     return ClinicalTable(out, missing)
+
+
+def _clinical_row_problems(
+    row: dict[str, Any], line: int, where: Callable[[str], str], seen: dict[str, int]
+) -> list[InputError]:
+    """What is wrong with one clinical row: its patient id (empty, or in ``seen``, which then takes it), its time,
+    its event coding."""
+    problems = []
+    pid = row["patient_id"]
+    if not pid:
+        problems.append(InputError("empty patient id.", where=where("patient_id"), fix="fill it in."))
+    elif pid in seen:
+        problems.append(
+            InputError(
+                f"duplicate patient {pid!r} (first on line {seen[pid]}).",
+                where=where("patient_id"),
+                fix="one row per patient.",
+            )
+        )
+    else:
+        seen[pid] = line
+    try:
+        time = float(row["time"])
+    except ValueError:
+        time = math.nan
+    if not math.isfinite(time) or time < 0:
+        problems.append(
+            InputError(
+                f"{row['time']!r} for patient {pid!r} is not a time ≥ 0.",
+                where=where("time"),
+                fix="give the follow-up time as a non-negative number.",
+            )
+        )
+    if row["event"] not in ("0", "1"):
+        problems.append(
+            InputError(
+                f"{row['event']!r} for patient {pid!r} is not 0 or 1.",
+                where=where("event"),
+                fix="use 1 = event observed, 0 = censored (note: a 'censorship' column is the opposite).",
+            )
+        )
+    return problems
+
+
+def _cohort_problems(table: pd.DataFrame, patients: list[str], ids: list[str], path: Path) -> list[InputError]:
+    """Why no survival model could be fitted on the cohort's patients: none of them in the table (``ids``, its
+    patient ids, sorted, name a few), or no event among them."""
+    cohort = set(patients)
+    shared = cohort & set(table["patient_id"])
+    if cohort and not shared:
+        return [
+            InputError(
+                f"none of the {len(cohort)} patients of the cohort sheet has a row here (sheet ids such as "
+                f"{sorted(cohort)[:3]}; table ids such as {ids[:3]}).",
+                where=f"clinical table {path}, column 'patient_id'",
+                fix="use the same patient ids in the sheet and the table (e.g. TCGA case ids 'TCGA-XX-XXXX', "
+                "not slide barcodes), or set clinical: null to run without survival analyses.",
+            )
+        ]
+    if shared and not (table.loc[table["patient_id"].isin(shared), "event"] == "1").any():
+        return [
+            InputError(
+                f"no events: all {len(shared)} patients of the cohort are censored (event = 0), so no survival "
+                "model can be fitted.",
+                where=f"clinical table {path}, column 'event'",
+                fix="check the event coding (1 = event observed, 0 = censored; a CLAM/SurvPath 'censorship' "
+                "column is the opposite: event = 1 - censorship), or set clinical: null to run without "
+                "survival analyses.",
+            )
+        ]
+    return []

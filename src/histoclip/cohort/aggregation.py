@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -152,48 +153,15 @@ def aggregate_slides(
         raise ValueError("slide ids must be unique")
     if tile_score_files is not None and len(tile_score_files) != n:
         raise ValueError(f"{len(tile_score_files)} tile-score files for {n} slides")
-    provenance: dict[str, Any] | None = None
-    first_file = None
-    vectors: list[np.ndarray | None] = []
-    class_vectors: list[np.ndarray | None] = []
-    classes: list[str] | None = None
-    n_tiles: list[int] = []
-    empty: list[str] = []
-    for i, (slide_id, path) in enumerate(zip(slide_ids, embedding_files, strict=True)):
-        x, y, tiles, meta = formats.read_tile_embeddings(path)
-        this = {key: meta.get(key) for key in PROVENANCE_KEYS}
-        if provenance is None:
-            provenance, first_file = this, path
-        elif this["weights_sha256"] != provenance["weights_sha256"] or this["dim"] != provenance["dim"]:
-            raise InputError(
-                f"slide {slide_id!r} was embedded with weights {str(this['weights_sha256'])[:12]}… (dim "
-                f"{this['dim']}), slide {slide_ids[0]!r} with {str(provenance['weights_sha256'])[:12]}… (dim "
-                f"{provenance['dim']}, {first_file}); a slide table mixes no models",
-                where=str(path),
-                fix="re-run the embedding step so that every slide is embedded by the same model",
-            )
-        n_tiles.append(len(tiles))
-        if len(tiles) == 0:
-            empty.append(f"{slide_id} ({meta.get('status', 'ok')})")
-            vectors.append(None)
-            if tile_score_files is not None:
-                class_vectors.append(None)
-            continue
-        vectors.append(slide_embedding(tiles))
-        if tile_score_files is not None:
-            sx, sy, scores, classes = _read_tile_scores(tile_score_files[i], classes)
-            if not (np.array_equal(sx, x) and np.array_equal(sy, y)):
-                raise InputError(
-                    f"slide {slide_id!r}: the tile scores do not have the same tiles (x, y, order) as {path}",
-                    where=str(tile_score_files[i]),
-                    fix="re-run the zero-shot rule after the embeddings changed",
-                )
-            class_vectors.append(class_topk_embeddings(tiles, scores, class_top_k))
-    if empty:
-        log.warning("%d slide(s) have no tiles and get a null embedding (n_tiles 0): %s", len(empty), ", ".join(empty))
+    read = _read_slides(slide_ids, embedding_files, tile_score_files, class_top_k)
+    if read.empty:
+        log.warning(
+            "%d slide(s) have no tiles and get a null embedding (n_tiles 0): %s", len(read.empty), ", ".join(read.empty)
+        )
+    provenance = read.provenance
     dim = int(provenance["dim"]) if provenance and provenance.get("dim") else None
     if dim is None:
-        dim = next((len(v) for v in vectors if v is not None), None)
+        dim = next((len(v) for v in read.vectors if v is not None), None)
     if dim is None:
         raise InputError(
             "no slide has tiles and the embedding files do not record the dimension", fix="check the tiling step"
@@ -201,26 +169,26 @@ def aggregate_slides(
     columns: dict[str, pa.Array] = {
         "slide_id": pa.array(list(slide_ids), pa.string()),
         "patient_id": pa.array(list(patient_ids), pa.string()),
-        "n_tiles": pa.array(n_tiles, pa.int64()),
-        "embedding": formats.vectors_column(vectors, dim),
+        "n_tiles": pa.array(read.n_tiles, pa.int64()),
+        "embedding": formats.vectors_column(read.vectors, dim),
     }
-    if tile_score_files is not None and classes is None:
+    if tile_score_files is not None and read.classes is None:
         log.warning("no slide has tiles: no per-class embedding columns can be named")
-    for c, cls in enumerate(classes or []):
-        class_column = [None if v is None else v[c] for v in class_vectors]
+    for c, cls in enumerate(read.classes or []):
+        class_column = [None if v is None else v[c] for v in read.class_vectors]
         columns[f"{CLASS_PREFIX}{cls}"] = formats.vectors_column(class_column, dim)
     table = pa.table(columns)
     metadata: dict[str, Any] = {
         **(provenance or {}),
         "aggregation": "mean of L2-normalised tile embeddings, renormalised",
         "n_slides": n,
-        "n_empty_slides": len(empty),
+        "n_empty_slides": len(read.empty),
     }
     if tile_score_files is not None:
         metadata |= {
             "class_embeddings": "per class: renormalised mean of the class's top-K tiles by zero-shot tile score",
             "class_top_k": int(class_top_k),
-            "classes": classes or [],
+            "classes": read.classes or [],
         }
     metadata |= extra_metadata or {}
     if out_path is not None:
@@ -229,6 +197,63 @@ def aggregate_slides(
     return table.replace_schema_metadata(
         {**existing, **{k.encode(): store.json_value(v).encode() for k, v in metadata.items()}}
     )
+
+
+@dataclass
+class _SlideVectors:
+    """What the aggregation reads from each slide's files, in cohort order (None for a slide without tiles)."""
+
+    provenance: dict[str, Any] | None = None
+    vectors: list[np.ndarray | None] = field(default_factory=list)
+    class_vectors: list[np.ndarray | None] = field(default_factory=list)
+    classes: list[str] | None = None
+    n_tiles: list[int] = field(default_factory=list)
+    #: "slide (status)" of every slide without tiles
+    empty: list[str] = field(default_factory=list)
+
+
+def _read_slides(
+    slide_ids: Sequence[str],
+    embedding_files: Sequence[str | Path],
+    tile_score_files: Sequence[str | Path] | None,
+    class_top_k: int,
+) -> _SlideVectors:
+    """Each slide's embedding (and per-class embeddings with ``tile_score_files``), one slide at a time; an error
+    when a slide was embedded by other weights than the first, or its tile scores are of other tiles."""
+    read = _SlideVectors()
+    first_file = None
+    for i, (slide_id, path) in enumerate(zip(slide_ids, embedding_files, strict=True)):
+        x, y, tiles, meta = formats.read_tile_embeddings(path)
+        this = {key: meta.get(key) for key in PROVENANCE_KEYS}
+        provenance = read.provenance
+        if provenance is None:
+            read.provenance, first_file = this, path
+        elif this["weights_sha256"] != provenance["weights_sha256"] or this["dim"] != provenance["dim"]:
+            raise InputError(
+                f"slide {slide_id!r} was embedded with weights {str(this['weights_sha256'])[:12]}… (dim "
+                f"{this['dim']}), slide {slide_ids[0]!r} with {str(provenance['weights_sha256'])[:12]}… (dim "
+                f"{provenance['dim']}, {first_file}); a slide table mixes no models",
+                where=str(path),
+                fix="re-run the embedding step so that every slide is embedded by the same model",
+            )
+        read.n_tiles.append(len(tiles))
+        if len(tiles) == 0:
+            read.empty.append(f"{slide_id} ({meta.get('status', 'ok')})")
+            read.vectors.append(None)
+            if tile_score_files is not None:
+                read.class_vectors.append(None)
+            continue
+        read.vectors.append(slide_embedding(tiles))
+        if tile_score_files is not None:
+            sx, sy, scores, read.classes = _read_tile_scores(tile_score_files[i], read.classes)
+            if not (np.array_equal(sx, x) and np.array_equal(sy, y)):
+                raise InputError(
+                    f"slide {slide_id!r}: the tile scores do not have the same tiles (x, y, order) as {path}",
+                    where=str(tile_score_files[i]),
+                    fix="re-run the zero-shot rule after the embeddings changed",
+                )
+            read.class_vectors.append(class_topk_embeddings(tiles, scores, class_top_k))
+    return read
 
 
 def patient_embeddings(slides: pd.DataFrame, embeddings: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:

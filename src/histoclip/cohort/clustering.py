@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from histoclip import formats, store
+from histoclip.config import SectionSettings, settings_fields
 from histoclip.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class ClusteringSettings:
+class ClusteringSettings(SectionSettings, section="clustering"):
     """Config key ``clustering`` (plus the workflow ``seed``)."""
 
     slide_features: str
@@ -66,11 +67,10 @@ class ClusteringSettings:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ClusteringSettings:
-        section = config["clustering"]
-        values = {f.name: section[f.name] for f in fields(cls) if f.name != "seed"}
+        values = settings_fields(cls, config, cls.config_section)
         if str(values["k"]).isdigit():  # `--config clustering='{k: 3}'` may arrive as "3"
             values["k"] = int(values["k"])
-        return cls(**values, seed=config["seed"])
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -253,32 +253,7 @@ def _cluster_slides(features: SlideFeatures, settings: ClusteringSettings) -> tu
     if (~usable).any():
         skipped = [s for s, ok in zip(features.slide_ids, usable, strict=True) if not ok]
         log.warning("%d slide(s) without tiles are not clustered: %s", len(skipped), ", ".join(skipped))
-    silhouettes: dict[int, float] = {}
-    if settings.k == "auto":
-        k_max = min(settings.k_max, n - 1)
-        ks = list(range(max(2, settings.k_min), k_max + 1))
-        if n == 0:
-            raise InputError(
-                "no slide has tiles: there is nothing to cluster",
-                where="clustering",
-                fix="look at results/qc/cohort.tsv for why every slide failed",
-            )
-        if ks:
-            silhouettes = silhouette_by_k(values, ks, settings.seed, settings.n_init)
-            k = choose_k(silhouettes)
-            how = f"silhouette over k = {ks[0]}..{ks[-1]}"
-        else:  # a pilot cohort of two or three slides: one cluster, said so, rather than a failed run
-            k, how = 1, f"one cluster: {n} slide(s) with tiles are too few to choose k by silhouette"
-            log.warning("clustering: %s (set clustering.k to fix k)", how)
-    else:
-        k = int(settings.k)
-        if not 1 <= k <= n:
-            raise InputError(
-                f"k = {k} clusters for {n} slide(s) with tiles",
-                where="clustering.k",
-                fix=f"set clustering.k between 1 and {n}, or auto",
-            )
-        how = "fixed (clustering.k)"
+    k, how, silhouettes = _number_of_clusters(values, settings)
     labels = kmeans_labels(values, k, settings.seed, settings.n_init)
     per_slide = silhouette_samples(values, labels) if 2 <= k < n else np.full(n, np.nan)
     if k not in silhouettes and 2 <= k < n:
@@ -313,18 +288,56 @@ def _cluster_slides(features: SlideFeatures, settings: ClusteringSettings) -> tu
         "n_slides_without_tiles": int((~usable).sum()),
         "cluster_sizes": np.bincount(labels, minlength=k).tolist(),
         "silhouette": {str(kk): s for kk, s in sorted(silhouettes.items())},
-        "stability": {
-            "metric": "adjusted Rand index, full clustering vs k-means refit on a bootstrap resample of the slides, "
-            "on the slides the resample holds",
-            "n_bootstrap": len(stability),
-            "ari_median": float(np.median(stability)) if len(stability) else None,
-            "ari_interval_95": [float(q) for q in np.percentile(stability, [2.5, 97.5])] if len(stability) else None,
-            "ari_mean": float(stability.mean()) if len(stability) else None,
-        },
+        "stability": _stability_summary(stability),
         "map": {"method": settings.map_method, "axes": axis_names},
         "settings": asdict(settings),
     }
     return table, summary
+
+
+def _number_of_clusters(values: np.ndarray, settings: ClusteringSettings) -> tuple[int, str, dict[int, float]]:
+    """k, how it was chosen, and the silhouette of every k tried: ``clustering.k``, or with ``auto`` the best
+    silhouette over k_min..k_max (one cluster, with a warning, for a cohort too small to choose)."""
+    n = len(values)
+    silhouettes: dict[int, float] = {}
+    if settings.k == "auto":
+        k_max = min(settings.k_max, n - 1)
+        ks = list(range(max(2, settings.k_min), k_max + 1))
+        if n == 0:
+            raise InputError(
+                "no slide has tiles: there is nothing to cluster",
+                where="clustering",
+                fix="look at results/qc/cohort.tsv for why every slide failed",
+            )
+        if ks:
+            silhouettes = silhouette_by_k(values, ks, settings.seed, settings.n_init)
+            k = choose_k(silhouettes)
+            how = f"silhouette over k = {ks[0]}..{ks[-1]}"
+        else:  # a pilot cohort of two or three slides: one cluster, said so, rather than a failed run
+            k, how = 1, f"one cluster: {n} slide(s) with tiles are too few to choose k by silhouette"
+            log.warning("clustering: %s (set clustering.k to fix k)", how)
+    else:
+        k = int(settings.k)
+        if not 1 <= k <= n:
+            raise InputError(
+                f"k = {k} clusters for {n} slide(s) with tiles",
+                where="clustering.k",
+                fix=f"set clustering.k between 1 and {n}, or auto",
+            )
+        how = "fixed (clustering.k)"
+    return k, how, silhouettes
+
+
+def _stability_summary(stability: np.ndarray) -> dict[str, Any]:
+    """The ``stability`` entry of the clustering summary: the bootstrap ARIs' median, 95 % interval and mean."""
+    return {
+        "metric": "adjusted Rand index, full clustering vs k-means refit on a bootstrap resample of the slides, "
+        "on the slides the resample holds",
+        "n_bootstrap": len(stability),
+        "ari_median": float(np.median(stability)) if len(stability) else None,
+        "ari_interval_95": [float(q) for q in np.percentile(stability, [2.5, 97.5])] if len(stability) else None,
+        "ari_mean": float(stability.mean()) if len(stability) else None,
+    }
 
 
 def write_clustering(table: pd.DataFrame, summary: Mapping[str, Any], tsv: str | Path, json_path: str | Path) -> None:

@@ -26,12 +26,11 @@ filtered scan, and a killed job loses the whole file.)
 
 from __future__ import annotations
 
-import heapq
 import logging
 import time
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from histoclip import formats, store
+from histoclip.cohort.gallery import CentralTiles, gallery_table
+from histoclip.config import SectionSettings
 from histoclip.errors import InputError
 from histoclip.plots import write_tsv
 
@@ -61,7 +62,7 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class PhenotypeSettings:
+class PhenotypeSettings(SectionSettings, section="phenotypes"):
     """Config key ``phenotypes`` (plus the workflow ``seed``)."""
 
     k: int
@@ -73,11 +74,6 @@ class PhenotypeSettings:
     gallery_tiles: int
     gallery_max_tiles_per_slide: int
     seed: int
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> PhenotypeSettings:
-        section = config["phenotypes"]
-        return cls(**{f.name: section[f.name] for f in fields(cls) if f.name != "seed"}, seed=config["seed"])
 
 
 @dataclass(frozen=True)
@@ -290,29 +286,6 @@ def class_composition(
 # Streaming assignment of the cohort
 
 
-@dataclass
-class _CentralTiles:
-    """The ``size`` tiles nearest to one centroid over the cohort, at most ``per_slide`` from one slide."""
-
-    size: int
-    per_slide: int
-    heap: list[tuple[float, int, str, int, int]] = field(default_factory=list)  # (-distance, order, slide, x, y)
-    counter: int = 0
-
-    def offer(self, slide_id: str, x: np.ndarray, y: np.ndarray, distance: np.ndarray) -> None:
-        take = np.argsort(distance, kind="stable")[: self.per_slide]
-        for i in take:
-            item = (-float(distance[i]), -self.counter, slide_id, int(x[i]), int(y[i]))
-            self.counter += 1
-            if len(self.heap) < self.size:
-                heapq.heappush(self.heap, item)
-            elif item[0] > self.heap[0][0]:
-                heapq.heapreplace(self.heap, item)
-
-    def best(self) -> list[tuple[float, str, int, int]]:
-        return sorted((-d, s, x, y) for d, _, s, x, y in self.heap)
-
-
 def _assignment_table(x: np.ndarray, y: np.ndarray, labels: np.ndarray, distance: np.ndarray) -> pa.Table:
     return pa.table(
         {
@@ -442,6 +415,48 @@ def _run_phenotypes(
     model = fit_phenotypes(sample, settings, weights_sha)
     timings["fit_s"] = time.perf_counter() - clock
     del sample
+    _check_classifiers(classifiers, weights_sha)
+    _write_centroids(out_dir / "centroids.parquet", model)
+
+    columns = phenotype_columns(model.k)
+    tally = _CohortTally.start(columns, settings, dict(zip(slide_ids, patient_ids, strict=True)))
+    clock = time.perf_counter()
+    assignments = iter_assignments(
+        slide_ids, embedding_files, model, out_dir / "assignments", threads, {"phenotypes": columns}
+    )
+    for done in assignments:
+        tally.add(done)
+    timings["assign_s"] = time.perf_counter() - clock
+    composition = tally.composition()
+    formats.write_composition(out_dir / "composition.tsv", composition)
+
+    phenotypes, named = _phenotype_table(tally, model, classifiers)
+    write_tsv(phenotypes, out_dir / "phenotypes.tsv")
+
+    if named is not None:
+        first = next(iter(classifiers.values()))
+        by_class = class_composition(composition, named["nearest_class"].tolist(), first.classes)
+    else:
+        log.warning("no prompt set configured (zeroshot.prompt_sets): phenotypes are not named, no class fractions")
+        by_class = composition[["slide_id", "patient_id", "n_tiles"]].copy()
+    formats.write_composition(out_dir / "class_composition.tsv", by_class)
+
+    gallery = gallery_table(tally.central, columns)
+    write_tsv(gallery, out_dir / "gallery_tiles.tsv")
+    log.info(
+        "%d tiles of %d slides assigned; phenotype sizes %s; %s",
+        int(tally.counts.sum()),
+        len(tally.rows),
+        ", ".join(map(str, tally.counts)),
+        ", ".join(f"{k} {v:.1f}" for k, v in timings.items()),
+    )
+    means = tally.means
+    slide_means = np.stack(means).astype(np.float32) if means else np.zeros((0, model.centroids.shape[1]), np.float32)
+    return PhenotypeResult(model, composition, phenotypes, by_class, gallery, slide_means, timings)
+
+
+def _check_classifiers(classifiers: Mapping[str, Any], weights_sha: str | None) -> None:
+    """Refuse a text classifier made with other weights than the embeddings (its names would be meaningless)."""
     for name, classifier in classifiers.items():
         sha = classifier.metadata.get("weights_sha256")
         if weights_sha is not None and sha is not None and sha != weights_sha:
@@ -451,52 +466,70 @@ def _run_phenotypes(
                 where=f"prompt set {name}",
                 fix="re-run encode_prompts for this model",
             )
-    _write_centroids(out_dir / "centroids.parquet", model)
 
-    columns = phenotype_columns(model.k)
-    central = [_CentralTiles(settings.gallery_tiles, settings.gallery_max_tiles_per_slide) for _ in range(model.k)]
-    counts_total = np.zeros(model.k, np.int64)
-    distance_total = np.zeros(model.k, np.float64)
-    slides_with = np.zeros(model.k, np.int64)
-    rows, means = [], []
-    clock = time.perf_counter()
-    patients = dict(zip(slide_ids, patient_ids, strict=True))
-    assignments = iter_assignments(
-        slide_ids, embedding_files, model, out_dir / "assignments", threads, {"phenotypes": columns}
-    )
-    for done in assignments:
+
+@dataclass
+class _CohortTally:
+    """What the assignment pass keeps as slides stream past: per-phenotype totals, the gallery candidates, one
+    composition row and one mean embedding per slide."""
+
+    columns: list[str]
+    patients: dict[str, str]
+    central: list[CentralTiles]
+    counts: np.ndarray
+    distances: np.ndarray
+    slides_with: np.ndarray
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    means: list[np.ndarray] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, columns: list[str], settings: PhenotypeSettings, patients: dict[str, str]) -> _CohortTally:
+        k = len(columns)
+        central = [CentralTiles(settings.gallery_tiles, settings.gallery_max_tiles_per_slide) for _ in range(k)]
+        zeros = np.zeros(k, np.int64)
+        return cls(columns, patients, central, zeros, np.zeros(k, np.float64), zeros.copy())
+
+    def add(self, done: SlideAssignment) -> None:
+        k = len(self.counts)
         slide_id, x, y, labels, distance = done.slide_id, done.x, done.y, done.phenotype, done.distance
-        means.append(done.mean_embedding)
-        counts = np.bincount(labels, minlength=model.k)
-        counts_total += counts
-        distance_total += np.bincount(labels, weights=distance, minlength=model.k)
-        slides_with += counts > 0
+        self.means.append(done.mean_embedding)
+        counts = np.bincount(labels, minlength=k)
+        self.counts += counts
+        self.distances += np.bincount(labels, weights=distance, minlength=k)
+        self.slides_with += counts > 0
         for p in np.flatnonzero(counts):
             member = labels == p
-            central[p].offer(slide_id, x[member], y[member], distance[member])
+            self.central[p].offer(slide_id, x[member], y[member], distance[member])
         n = len(labels)
-        fractions = counts / n if n else np.full(model.k, np.nan)
-        rows.append(
+        fractions = counts / n if n else np.full(k, np.nan)
+        self.rows.append(
             {
                 "slide_id": slide_id,
-                "patient_id": patients[slide_id],
+                "patient_id": self.patients[slide_id],
                 "n_tiles": n,
-                **dict(zip(columns, fractions, strict=True)),
+                **dict(zip(self.columns, fractions, strict=True)),
             }
         )
-    timings["assign_s"] = time.perf_counter() - clock
-    composition = pd.DataFrame(rows, columns=["slide_id", "patient_id", "n_tiles", *columns])
-    formats.write_composition(out_dir / "composition.tsv", composition)
 
-    total = int(counts_total.sum())
+    def composition(self) -> pd.DataFrame:
+        """One row per slide: its tile count and the fraction of its tiles in each phenotype (NaN without tiles)."""
+        return pd.DataFrame(self.rows, columns=["slide_id", "patient_id", "n_tiles", *self.columns])
+
+
+def _phenotype_table(
+    tally: _CohortTally, model: PhenotypeModel, classifiers: Mapping[str, Any]
+) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The rows of ``phenotypes.tsv`` (size, slides, mean distance, nearest class by every prompt set) and the
+    naming by the first prompt set (None without one)."""
+    total = int(tally.counts.sum())
     phenotypes = pd.DataFrame(
         {
-            "phenotype": columns,
-            "n_tiles": counts_total,
-            "fraction": counts_total / total if total else np.nan,
-            "n_slides": slides_with,
+            "phenotype": tally.columns,
+            "n_tiles": tally.counts,
+            "fraction": tally.counts / total if total else np.nan,
+            "n_slides": tally.slides_with,
             "mean_distance": np.divide(
-                distance_total, counts_total, out=np.full(model.k, np.nan), where=counts_total > 0
+                tally.distances, tally.counts, out=np.full(model.k, np.nan), where=tally.counts > 0
             ),
         }
     )
@@ -508,33 +541,7 @@ def _run_phenotypes(
             phenotypes = pd.concat([phenotypes, naming], axis=1)
         phenotypes[f"nearest_class_{name}"] = naming["nearest_class"].to_numpy()
         phenotypes[f"similarity_{name}"] = naming["similarity"].to_numpy()
-    write_tsv(phenotypes, out_dir / "phenotypes.tsv")
-
-    if named is not None:
-        first = next(iter(classifiers.values()))
-        by_class = class_composition(composition, named["nearest_class"].tolist(), first.classes)
-    else:
-        log.warning("no prompt set configured (zeroshot.prompt_sets): phenotypes are not named, no class fractions")
-        by_class = composition[["slide_id", "patient_id", "n_tiles"]].copy()
-    formats.write_composition(out_dir / "class_composition.tsv", by_class)
-
-    gallery_rows = []
-    for p, tiles in enumerate(central):
-        for rank, (d, slide_id, tx, ty) in enumerate(tiles.best()):
-            gallery_rows.append(
-                {"phenotype": columns[p], "rank": rank, "slide_id": slide_id, "x": tx, "y": ty, "distance": d}
-            )
-    gallery = pd.DataFrame(gallery_rows, columns=["phenotype", "rank", "slide_id", "x", "y", "distance"])
-    write_tsv(gallery, out_dir / "gallery_tiles.tsv")
-    log.info(
-        "%d tiles of %d slides assigned; phenotype sizes %s; %s",
-        total,
-        len(rows),
-        ", ".join(map(str, counts_total)),
-        ", ".join(f"{k} {v:.1f}" for k, v in timings.items()),
-    )
-    slide_means = np.stack(means).astype(np.float32) if means else np.zeros((0, model.centroids.shape[1]), np.float32)
-    return PhenotypeResult(model, composition, phenotypes, by_class, gallery, slide_means, timings)
+    return phenotypes, named
 
 
 def _write_centroids(path: Path, model: PhenotypeModel) -> None:
@@ -554,69 +561,3 @@ def _write_centroids(path: Path, model: PhenotypeModel) -> None:
         "settings": model.settings,
     }
     store.write_table_atomic(path, table, meta)
-
-
-# --------------------------------------------------------------------------------------------------
-# Gallery of the most central tiles
-
-
-def read_gallery_pixels(
-    gallery: pd.DataFrame, slide_paths: Mapping[str, str | Path], tile_files: Mapping[str, str | Path]
-) -> list[np.ndarray]:
-    """RGB pixels (tile_px × tile_px) of every gallery row, read with OpenSlide at the tile file's read level.
-
-    The tile file's metadata says at which pyramid level and size a tile was read (``read_level``,
-    ``read_tile_px``) and its size at the target mpp (``tile_px``): the gallery shows exactly what the model saw.
-    Each slide is opened once.
-    """
-    from histoclip.tiling.slide import open_wsi, read_rgb, resize_rgb
-
-    images: list[np.ndarray | None] = [None] * len(gallery)
-    for slide_id, group in gallery.groupby("slide_id", sort=False):
-        if slide_id not in slide_paths or slide_id not in tile_files:
-            raise InputError(
-                "is in the phenotype gallery but not in the cohort sheet",
-                where=f"slide {slide_id!r}",
-                fix="re-run the phenotypes rule after changing the sheet",
-            )
-        meta = formats.read_tile_metadata(tile_files[slide_id])
-        level, read_px, tile_px = int(meta["read_level"]), int(meta["read_tile_px"]), int(meta["tile_px"])
-        slide = open_wsi(slide_paths[slide_id], str(slide_id))
-        try:
-            for index, row in zip(group.index, group.itertuples(), strict=True):
-                rgb = read_rgb(slide, (int(row.x), int(row.y)), level, (read_px, read_px))
-                images[gallery.index.get_loc(index)] = resize_rgb(rgb, (tile_px, tile_px))
-        finally:
-            slide.close()
-    return [img for img in images if img is not None]
-
-
-def gallery_figure(gallery: pd.DataFrame, phenotypes: pd.DataFrame, images: Sequence[np.ndarray], style: Any) -> Any:
-    """One row per phenotype (its most central tiles, nearest first), labelled with its nearest text class."""
-    from histoclip.plots import new_figure
-
-    names = phenotypes["phenotype"].tolist()
-    n_cols = max(1, int(gallery.groupby("phenotype").size().max()) if len(gallery) else 1)
-    cell_in = min(style.width_in / (n_cols + 1.6), 0.9)
-    figure = new_figure(style, width_in=cell_in * (n_cols + 1.6), height_in=max(1.0, cell_in * len(names) + 0.3))
-    by_key = {(r.phenotype, r.rank): img for r, img in zip(gallery.itertuples(), images, strict=True)}
-    with style.context():
-        axes = figure.subplots(len(names), n_cols, squeeze=False, gridspec_kw={"wspace": 0.04, "hspace": 0.08})
-        for i, row in enumerate(phenotypes.itertuples()):
-            label = row.phenotype.replace("phenotype_", "P")
-            if "nearest_class" in phenotypes.columns:
-                label = f"{label} {row.nearest_class}\n{row.similarity:.2f} · {row.fraction:.0%}"
-            else:
-                label = f"{label}\n{row.fraction:.0%}"
-            for j in range(n_cols):
-                ax = axes[i, j]
-                ax.set_xticks([])
-                ax.set_yticks([])
-                for spine in ax.spines.values():
-                    spine.set_visible(False)
-                image = by_key.get((row.phenotype, j))
-                if image is not None:
-                    ax.imshow(image, interpolation="nearest")
-                if j == 0:
-                    ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=style.font_size - 1)
-    return figure

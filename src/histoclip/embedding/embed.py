@@ -284,16 +284,7 @@ def _stream(
     """Stream ``jobs`` in order; return (number of slides finished, the error that stopped it or None)."""
     dataset = TileBatches(jobs, resolve_batch_size(batch_size, model.device))
     cuda = model.device.type == "cuda"
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=None,
-        shuffle=False,
-        num_workers=workers,
-        pin_memory=cuda,
-        prefetch_factor=4 if workers else None,
-        persistent_workers=False,
-        multiprocessing_context="fork" if workers and hasattr(os, "fork") else None,
-    )
+    loader = _tile_loader(dataset, workers, cuda)
     remaining = {index: len(job) for index, job in enumerate(jobs)}
     writers: dict[int, SlideWriter] = {}
     finished = 0
@@ -345,13 +336,31 @@ def _stream(
     except Exception as exc:  # a worker's error arrives here, in order: it belongs to slide `finished`
         for writer in writers.values():
             writer.abort()
-        cause = exc
-        if not isinstance(exc, SlideError):
-            text = str(exc)
-            job = jobs[finished]
-            cause = SlideError(job.slide_id, f"embedding failed: {text.strip().splitlines()[-1] if text else exc!r}")
-            cause.__cause__ = exc
-        return finished, cause
+        return finished, _slide_error(exc, jobs[finished])
     finally:
         del iterator
     return finished, None
+
+
+def _tile_loader(dataset: TileBatches, workers: int, cuda: bool) -> torch.utils.data.DataLoader:
+    """Batches of ``dataset`` in order, read by ``workers`` forked processes (pinned memory on a GPU)."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=cuda,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+        multiprocessing_context="fork" if workers and hasattr(os, "fork") else None,
+    )
+
+
+def _slide_error(exc: Exception, job: SlideJob) -> SlideError:
+    """The error that stopped the stream, as a :class:`SlideError` of ``job`` (the slide it belongs to)."""
+    if isinstance(exc, SlideError):
+        return exc
+    text = str(exc)
+    cause = SlideError(job.slide_id, f"embedding failed: {text.strip().splitlines()[-1] if text else exc!r}")
+    cause.__cause__ = exc
+    return cause

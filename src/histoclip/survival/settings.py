@@ -10,11 +10,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from histoclip.config import SectionSettings, settings_fields
+
 __all__ = ["SurvivalSettings"]
 
 
 @dataclass(frozen=True)
-class SurvivalSettings:
+class SurvivalSettings(SectionSettings, section="survival"):
     """Config key ``survival`` (fitting options), plus the workflow ``seed`` and ``zeroshot.abstain_margin``.
 
     No defaults here: they live in the config schema (``histoclip.config.default_config`` gives them)."""
@@ -35,6 +37,5 @@ class SurvivalSettings:
     def from_config(cls, config: Mapping[str, Any]) -> SurvivalSettings:
         """From the validated config (or a part of it at the same key paths: ``survival``, ``seed``,
         ``zeroshot.abstain_margin``)."""
-        section = config["survival"]
-        fields = {k: section[k] for k in cls.__dataclass_fields__ if k not in ("seed", "abstain_margin")}
-        return cls(**fields, abstain_margin=config["zeroshot"]["abstain_margin"], seed=config["seed"])
+        margin = config["zeroshot"]["abstain_margin"]
+        return cls(**settings_fields(cls, config, cls.config_section, abstain_margin=margin))

@@ -9,8 +9,7 @@ embedding step reads exactly what tiling measured.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import numpy as np
 import openslide
 
 from histoclip import formats
-from histoclip.config import default_config
+from histoclip.config import SectionSettings, default_config
 from histoclip.errors import SlideError
 from histoclip.tiling import qc
 from histoclip.tiling import slide as wsi
@@ -26,17 +25,13 @@ from histoclip.tiling.tissue import TissueParams, detect_tissue
 
 
 @dataclass(frozen=True)
-class TilingParams:
+class TilingParams(SectionSettings, section="tiling"):
     """What decides a slide's tile grid (config key ``tiling``, but for how jobs are cut)."""
 
     target_mpp: float
     tile_px: int
     overlap_px: int
     min_tissue_fraction: float
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> TilingParams:
-        return cls(**{f.name: config["tiling"][f.name] for f in fields(cls)})
 
 
 @dataclass(frozen=True)

@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import openslide
 from PIL import Image
 
-from histoclip.config import default_config
+from histoclip.config import SectionSettings, default_config
 from histoclip.errors import SlideError
 
 log = logging.getLogger(__name__)
@@ -41,15 +39,11 @@ MPP_SOURCES = ("sheet", "openslide-metadata", "tiff-resolution", "objective-powe
 
 
 @dataclass(frozen=True)
-class MppRange:
+class MppRange(SectionSettings, section="mpp"):
     """Plausible level-0 mpp values (µm/px) for a whole-slide image (config key ``mpp``)."""
 
     min: float
     max: float
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> MppRange:
-        return cls(config["mpp"]["min"], config["mpp"]["max"])
 
     def __contains__(self, mpp: float) -> bool:
         return self.min <= mpp <= self.max

@@ -19,14 +19,12 @@ with slide thickness, saturation much less so.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
 
-from histoclip.config import default_config
+from histoclip.config import SectionSettings, default_config
 
 __all__ = [
     "TissueParams",
@@ -51,8 +49,9 @@ _OTSU_SAMPLE_PX = 4_000_000
 
 
 @dataclass(frozen=True)
-class TissueParams:
-    """Settings of :func:`detect_tissue`; the field names are also the config keys.
+class TissueParams(SectionSettings, section="tissue"):
+    """Settings of :func:`detect_tissue`; the field names are also the config keys (the ``tissue`` section but its
+    ``mpp``: which level is read, not how it is thresholded).
 
     The defaults (config/schemas/config.schema.yaml, the one place they are set) are for H&E thumbnails at
     4-16 µm/px and were checked on real slides with blue, green, red and black marks (tests/test_tissue.py);
@@ -100,11 +99,6 @@ class TissueParams:
     min_region_area_mm2: float
     max_hole_area_mm2: float
     working_mpp: float
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> TissueParams:
-        """The ``tissue`` section but its ``mpp`` (which level is read, not how it is thresholded)."""
-        return cls(**{f.name: config["tissue"][f.name] for f in fields(cls)})
 
     def __post_init__(self) -> None:
         for f in fields(self):

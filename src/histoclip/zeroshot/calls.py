@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from histoclip import formats, store
-from histoclip.config import default_config
+from histoclip.config import SectionSettings, default_config
 from histoclip.formats import TextClassifier, probability_column
 from histoclip.sheets import SlideRecord
 from histoclip.zeroshot.classifier import call_slide, pool, text_classifier, tile_scores
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class CallSettings:
+class CallSettings(SectionSettings, section="zeroshot"):
     """How slides are called and evaluated (config key ``zeroshot``, plus the workflow ``seed``)."""
 
     pooling: str
@@ -41,11 +41,6 @@ class CallSettings:
     abstain_margin: float
     bootstrap: int
     seed: int
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> CallSettings:
-        zeroshot = config["zeroshot"]
-        return cls(**{f.name: zeroshot[f.name] for f in fields(cls) if f.name != "seed"}, seed=config["seed"])
 
 
 def write_text_classifier(model: LoadedModel, prompt_set: PromptSet, path: str | Path) -> TextClassifier:

@@ -159,6 +159,26 @@ def evaluate(
         "confusion": {true: {pred: int(cm[i, j]) for j, pred in enumerate(classes)} for i, true in enumerate(classes)},
     }
 
+    samples = _bootstrap_metrics(t, p, pr, n_classes, n_bootstrap, seed)
+    result["ci"] = {
+        metric: (_interval(values) if result[metric] is not None else {"low": None, "high": None, "n_resamples": 0})
+        for metric, values in samples.items()
+    }
+    result["bootstrap"] = {"n_bootstrap": int(n_bootstrap), "seed": int(seed), "level": 0.95, "method": "percentile"}
+
+    collapsed, warning = _collapse_warning(p, support, classes, n)
+    result["collapsed"] = collapsed
+    result["warning"] = warning
+    if warning:
+        logger.warning("%s", warning)
+    return result
+
+
+def _bootstrap_metrics(
+    t: np.ndarray, p: np.ndarray, pr: np.ndarray | None, n_classes: int, n_bootstrap: int, seed: int
+) -> dict[str, list[float | None]]:
+    """Each metric on ``n_bootstrap`` resamples (with replacement) of the answered slides, one stream from
+    ``seed``: true indices ``t``, called indices ``p``, probabilities ``pr`` (None: no AUC)."""
     samples: dict[str, list[float | None]] = {"balanced_accuracy": [], "macro_auc": [], "cohen_kappa": []}
     m = len(t)
     if n_bootstrap > 0 and m > 0:
@@ -170,34 +190,32 @@ def evaluate(
             samples["cohen_kappa"].append(_kappa(bcm))
             if pr is not None:
                 samples["macro_auc"].append(_macro_auc(t[pick], pr[pick], n_classes))
-    result["ci"] = {
-        metric: (_interval(values) if result[metric] is not None else {"low": None, "high": None, "n_resamples": 0})
-        for metric, values in samples.items()
-    }
-    result["bootstrap"] = {"n_bootstrap": int(n_bootstrap), "seed": int(seed), "level": 0.95, "method": "percentile"}
+    return samples
 
-    warning = None
-    collapsed = False
+
+def _collapse_warning(p: np.ndarray, support: np.ndarray, classes: list[str], n: int) -> tuple[bool, str | None]:
+    """Whether the calls ``p`` of the answered slides collapsed onto one class (``COLLAPSE_FRACTION`` of them),
+    and the warning to give: collapse, or every one of the ``n`` slides abstained."""
+    m = len(p)
     if m:
-        counts = np.bincount(p, minlength=n_classes)
+        counts = np.bincount(p, minlength=len(classes))
         top = int(np.argmax(counts))
         share = counts[top] / m
         if share >= COLLAPSE_FRACTION:
-            collapsed = True
             truth_share = support[top] / m
-            warning = (
+            return True, (
                 f"{share:.0%} of the {m} answered slides were called {classes[top]!r} (the truth has "
                 f"{truth_share:.0%} {classes[top]!r}): the classifier has collapsed onto one class. Check the "
                 "prompts (prompt sensitivity), that the embeddings are the projected image embeddings of the "
                 "same model as the text classifier, and the pooling K."
             )
-    elif n:
-        warning = f"all {n} slides abstained: no metric can be computed; lower the abstain margin or check the model"
-    result["collapsed"] = collapsed
-    result["warning"] = warning
-    if warning:
-        logger.warning("%s", warning)
-    return result
+        return False, None
+    if n:
+        return (
+            False,
+            f"all {n} slides abstained: no metric can be computed; lower the abstain margin or check the model",
+        )
+    return False, None
 
 
 def prompt_sensitivity(

@@ -27,7 +27,7 @@ from matplotlib.colors import Normalize
 from PIL import Image
 
 from histoclip import formats
-from histoclip.config import default_config
+from histoclip.config import SectionSettings, default_config
 from histoclip.errors import InputError
 from histoclip.plots import FigureStyle, new_figure, save_figure
 from histoclip.tiling import slide as wsi
@@ -88,16 +88,11 @@ class TileLayout:
 
 
 @dataclass(frozen=True)
-class EvidenceOptions:
+class EvidenceOptions(SectionSettings, section="figures.evidence"):
     """Config ``figures.evidence``: tiles per class in the gallery, and whether background classes get a panel."""
 
     top_n: int
     include_background: bool
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> EvidenceOptions:
-        evidence = config["figures"]["evidence"]
-        return cls(evidence["top_n"], evidence["include_background"])
 
 
 def score_grid(
@@ -253,15 +248,7 @@ def slide_evidence(
     slide_id = str(tile_meta.get("slide_id", Path(tiles_path).stem))
     columns = ["slide_id", "class", "rank", "x", "y", *[f"score_{c}" for c in scores]]
     if len(x) == 0:
-        figure = new_figure(style, height_in=1.5)
-        with style.context():
-            ax = figure.add_subplot()
-            ax.set_axis_off()
-            reason = tile_meta.get("error") or "the tissue detector found no tiles"
-            ax.text(0.5, 0.5, f"{slide_id}: no tiles scored\n{reason}", ha="center", va="center", wrap=True)
-        data = pd.DataFrame(columns=columns)
-        save_figure(figure, out_stem, style, data=data, title=f"{slide_id}: zero-shot evidence")
-        return data
+        return _no_tiles_figure(slide_id, tile_meta, columns, out_stem, style)
     layout = TileLayout.from_metadata(tile_meta, str(tiles_path))
     n = min(options.top_n, len(x))
     picks = {c: top_tiles(scores[c], n) for c in classes}
@@ -276,16 +263,9 @@ def slide_evidence(
     with wsi.open_wsi(slide_path, slide_id) as slide:
         images = dict(zip(shown.tolist(), read_tiles(slide, layout, x[shown], y[shown]), strict=True))
     heat_in, tile_in = 2.6, 1.0
-    with Image.open(thumbnail_path) as image:
-        # No finer than the panel shows: a 1024-px thumbnail per class row would bloat every PDF.
-        image = image.convert("RGB")
-        image.thumbnail((round(1.2 * heat_in * style.dpi),) * 2, Image.Resampling.BOX)
-        thumbnail = np.asarray(image)
-    all_shown = np.concatenate([scores[c] for c in classes])
-    vmin, vmax = float(all_shown.min()), float(all_shown.max())
-    if vmax - vmin < 1e-6:
-        vmin, vmax = vmin - 1e-3, vmax + 1e-3
-    norm = Normalize(vmin, vmax)
+    # No finer than the panel shows: a 1024-px thumbnail per class row would bloat every PDF.
+    thumbnail = _read_thumbnail(thumbnail_path, round(1.2 * heat_in * style.dpi))
+    norm = _shared_norm([scores[c] for c in classes])
 
     figure = new_figure(
         style,
@@ -298,34 +278,81 @@ def slide_evidence(
         for sub, cls in zip(subfigures, classes, strict=False):
             axes = sub.subplots(1, 1 + n, width_ratios=[heat_in + 0.6] + [tile_in] * n, squeeze=False)[0]
             grid, extent = score_grid(x, y, scores[cls], layout)
-            ax = axes[0]
             overlay = heatmap_overlay(thumbnail, grid, extent, (layout.level0_width, layout.level0_height), norm)
-            ax.imshow(overlay, extent=(0, layout.level0_width, layout.level0_height, 0), interpolation="antialiased")
-            for rank, i in enumerate(picks[cls]):
-                half = layout.tile_level0_px / 2
-                ax.text(
-                    x[i] + half,
-                    y[i] + half,
-                    str(rank + 1),
-                    color="white",
-                    ha="center",
-                    va="center",
-                    fontsize=style.font_size - 1,
-                    fontweight="bold",
-                )
-            ax.set_xlim(0, layout.level0_width)
-            ax.set_ylim(layout.level0_height, 0)
-            _bare(ax)
+            _heatmap_panel(axes[0], overlay, layout, x[picks[cls]], y[picks[cls]], style)
             pooled = f"slide score = mean of top {min(top_k, len(x))} of {len(x)} tiles" if top_k else f"{len(x)} tiles"
-            ax.set_title(f"{cls}\n({pooled})", fontsize=style.font_size)
+            axes[0].set_title(f"{cls}\n({pooled})", fontsize=style.font_size)
             colorbar = sub.colorbar(
-                ScalarMappable(norm, CMAP), ax=ax, location="bottom", shrink=0.8, aspect=30, pad=0.02
+                ScalarMappable(norm, CMAP), ax=axes[0], location="bottom", shrink=0.8, aspect=30, pad=0.02
             )
             colorbar.set_label(f"tile cosine with {cls!r}", fontsize=style.font_size - 1)
             for rank, (tax, i) in enumerate(zip(axes[1:], picks[cls], strict=True)):
-                tax.imshow(images[int(i)])
-                _bare(tax)
-                tax.set_title(f"#{rank + 1}  {scores[cls][i]:.3f}", fontsize=style.font_size - 1)
-                tax.set_xlabel(f"x {int(x[i])}, y {int(y[i])}", fontsize=style.font_size - 2)
+                _tile_panel(tax, images[int(i)], rank, scores[cls][i], int(x[i]), int(y[i]), style)
     save_figure(figure, out_stem, style, data=data, title=f"{slide_id}: zero-shot evidence")
     return data
+
+
+def _no_tiles_figure(
+    slide_id: str,
+    tile_meta: Mapping[str, Any],
+    columns: list[str],
+    out_stem: str | os.PathLike[str],
+    style: FigureStyle,
+) -> pd.DataFrame:
+    """The evidence figure of a slide without tiles: its id and why (the tile file's error), and an empty table."""
+    figure = new_figure(style, height_in=1.5)
+    with style.context():
+        ax = figure.add_subplot()
+        ax.set_axis_off()
+        reason = tile_meta.get("error") or "the tissue detector found no tiles"
+        ax.text(0.5, 0.5, f"{slide_id}: no tiles scored\n{reason}", ha="center", va="center", wrap=True)
+    data = pd.DataFrame(columns=columns)
+    save_figure(figure, out_stem, style, data=data, title=f"{slide_id}: zero-shot evidence")
+    return data
+
+
+def _heatmap_panel(
+    ax: Any, overlay: np.ndarray, layout: TileLayout, x: np.ndarray, y: np.ndarray, style: FigureStyle
+) -> None:
+    """One class's heatmap over the slide, with its top tiles (level-0 corners ``x``, ``y``) numbered from 1."""
+    ax.imshow(overlay, extent=(0, layout.level0_width, layout.level0_height, 0), interpolation="antialiased")
+    for rank, (tx, ty) in enumerate(zip(x, y, strict=True)):
+        half = layout.tile_level0_px / 2
+        ax.text(
+            tx + half,
+            ty + half,
+            str(rank + 1),
+            color="white",
+            ha="center",
+            va="center",
+            fontsize=style.font_size - 1,
+            fontweight="bold",
+        )
+    ax.set_xlim(0, layout.level0_width)
+    ax.set_ylim(layout.level0_height, 0)
+    _bare(ax)
+
+
+def _read_thumbnail(path: str | os.PathLike[str], max_px: int) -> np.ndarray:
+    """The QC thumbnail as RGB, shrunk (box filter) to at most ``max_px`` on a side."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        image.thumbnail((max_px,) * 2, Image.Resampling.BOX)
+        return np.asarray(image)
+
+
+def _shared_norm(class_scores: Sequence[np.ndarray]) -> Normalize:
+    """One colour scale over every class's tile scores, so heatmap rows compare (never of zero width)."""
+    all_shown = np.concatenate(class_scores)
+    vmin, vmax = float(all_shown.min()), float(all_shown.max())
+    if vmax - vmin < 1e-6:
+        vmin, vmax = vmin - 1e-3, vmax + 1e-3
+    return Normalize(vmin, vmax)
+
+
+def _tile_panel(ax: Any, image: np.ndarray, rank: int, score: float, x: int, y: int, style: FigureStyle) -> None:
+    """One gallery tile: its pixels, its rank and score above, its level-0 corner below."""
+    ax.imshow(image)
+    _bare(ax)
+    ax.set_title(f"#{rank + 1}  {score:.3f}", fontsize=style.font_size - 1)
+    ax.set_xlabel(f"x {x}, y {y}", fontsize=style.font_size - 2)

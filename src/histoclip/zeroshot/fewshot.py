@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from histoclip import formats
-from histoclip.config import default_config
+from histoclip.config import SectionSettings, default_config
 from histoclip.errors import InputError
 from histoclip.zeroshot.evaluation import evaluate, evaluated_slides
 
@@ -64,8 +64,9 @@ METHODS = ("prototype", "logistic")
 
 
 @dataclass(frozen=True)
-class FewShotSettings:
-    """Config key ``fewshot`` plus the run seed (``methods``: both, unless a test compares one)."""
+class FewShotSettings(SectionSettings, section="fewshot"):
+    """Config key ``fewshot`` plus the run seed (``methods``: both, unless a test compares one), but its
+    ``embedding_column`` (which slide-table column, read by the caller)."""
 
     shots: tuple[int, ...]
     draws: int
@@ -73,13 +74,6 @@ class FewShotSettings:
     max_iter: int
     seed: int
     methods: tuple[str, ...] = field(default=METHODS)
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> FewShotSettings:
-        """The ``fewshot`` section but its ``embedding_column`` (which slide-table column, read by the caller)."""
-        section = config["fewshot"]
-        keys = ("shots", "draws", "probe_c", "max_iter")
-        return cls(**{key: section[key] for key in keys}, seed=config["seed"])
 
     def __post_init__(self) -> None:
         shots = tuple(int(k) for k in self.shots)

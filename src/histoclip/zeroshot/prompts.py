@@ -88,6 +88,18 @@ class PromptSet:
     sha256: str
     description: str = ""
 
+    @classmethod
+    def hashed(
+        cls,
+        name: str,
+        classes: dict[str, tuple[str, ...]],
+        background: dict[str, tuple[str, ...]],
+        templates: dict[str, tuple[str, ...]],
+        description: str,
+    ) -> PromptSet:
+        """The prompt set of this content, its ``sha256`` computed from it (what determines the classifier)."""
+        return cls(name, classes, background, templates, _content_sha256(classes, background, templates), description)
+
     @property
     def all_classes(self) -> list[str]:
         """Called classes first, then background classes: the classifier's row order."""
@@ -138,14 +150,7 @@ class PromptSet:
             templates[cls] = drawn_templates[own]
         classes = {cls: draw(syns, synonym_fraction) for cls, syns in self.classes.items()}
         background = {cls: draw(syns, synonym_fraction) for cls, syns in self.background.items()}
-        return PromptSet(
-            name=self.name,
-            classes=classes,
-            background=background,
-            templates=templates,
-            sha256=_content_sha256(classes, background, templates),
-            description=self.description,
-        )
+        return PromptSet.hashed(self.name, classes, background, templates, self.description)
 
 
 def _content_sha256(
@@ -273,14 +278,21 @@ def _check_class_name(name: Any, *, where: str) -> str:
     return name
 
 
-def _parse_histoclip(doc: Mapping[str, Any], where: str) -> tuple[dict, dict, dict, str]:
-    unknown = [k for k in doc if k not in _TOP_KEYS]
+def _check_keys(mapping: Mapping[str, Any], allowed: tuple[str, ...], *, what: str, where: str, fix: str) -> None:
+    """Refuse keys of ``mapping`` outside ``allowed``: ``"{what} [keys]; allowed: [...]"``."""
+    unknown = [k for k in mapping if k not in allowed]
     if unknown:
-        raise InputError(
-            f"unknown top-level key(s) {unknown}; allowed: {list(_TOP_KEYS)}",
-            where=where,
-            fix="remove or rename them (class entries go under `classes:` or `background:`)",
-        )
+        raise InputError(f"{what} {unknown}; allowed: {list(allowed)}", where=where, fix=fix)
+
+
+def _parse_histoclip(doc: Mapping[str, Any], where: str) -> tuple[dict, dict, dict, str]:
+    _check_keys(
+        doc,
+        _TOP_KEYS,
+        what="unknown top-level key(s)",
+        where=where,
+        fix="remove or rename them (class entries go under `classes:` or `background:`)",
+    )
     description = doc.get("description") or ""
     if not isinstance(description, str):
         raise InputError("description must be a string", where=f"{where}: description")
@@ -290,28 +302,7 @@ def _parse_histoclip(doc: Mapping[str, Any], where: str) -> tuple[dict, dict, di
     background: dict[str, tuple[str, ...]] = {}
     templates: dict[str, tuple[str, ...]] = {}
     for section, target in (("classes", classes), ("background", background)):
-        entries = doc.get(section)
-        if entries is None:
-            if section == "classes":
-                raise InputError(
-                    "no `classes:` section: a prompt set needs at least one called class",
-                    where=where,
-                    fix="add `classes:` with one entry per class, each with `synonyms:`",
-                )
-            continue
-        if not isinstance(entries, dict):
-            raise InputError(
-                f"`{section}:` must map class names to entries, got {type(entries).__name__}",
-                where=f"{where}: {section}",
-                fix="write `CLASS: {synonyms: [...]}` per class",
-            )
-        if section == "classes" and not entries:
-            raise InputError(
-                "`classes:` is empty: a prompt set needs at least one called class",
-                where=f"{where}: classes",
-                fix="add one entry per class, each with `synonyms:`",
-            )
-        for name, entry in entries.items():
+        for name, entry in _section_entries(doc, section, where).items():
             at = f"{where}: {section}.{name}"
             name = _check_class_name(name, where=at)
             if name in classes or name in background:
@@ -320,40 +311,68 @@ def _parse_histoclip(doc: Mapping[str, Any], where: str) -> tuple[dict, dict, di
                     where=at,
                     fix="keep it in one section: `classes` are called for slides, `background` is only scored",
                 )
-            if isinstance(entry, list):
-                entry = {"synonyms": entry}
-            if not isinstance(entry, dict):
-                raise InputError(
-                    f"class {name!r} must be a list of synonyms or a mapping with `synonyms:`",
-                    where=at,
-                    fix="write `synonyms: [...]` under the class",
-                )
-            unknown = [k for k in entry if k not in _CLASS_KEYS]
-            if unknown:
-                raise InputError(
-                    f"class {name!r} has unknown key(s) {unknown}; allowed: {list(_CLASS_KEYS)}",
-                    where=at,
-                    fix="rename or remove them",
-                )
-            if "synonyms" not in entry:
-                raise InputError(f"class {name!r} has no synonyms", where=at, fix="add `synonyms: [...]`")
-            target[name] = _string_list(
-                entry["synonyms"],
-                where=at,
-                what=f"synonyms of class {name!r}",
-                fix=f"list one or more names for class {name!r}",
-            )
-            if "templates" in entry:
-                templates[name] = _templates(entry["templates"], where=f"{at}.templates")
-            elif default_templates is not None:
-                templates[name] = default_templates
-            else:
-                raise InputError(
-                    f"class {name!r} has no templates and there are no top-level `templates:`",
-                    where=at,
-                    fix="add top-level `templates:` or `templates:` under the class",
-                )
+            target[name], templates[name] = _parse_class_entry(name, entry, at, default_templates)
     return classes, background, templates, description
+
+
+def _section_entries(doc: Mapping[str, Any], section: str, where: str) -> Mapping[str, Any]:
+    """The class entries of ``classes:`` or ``background:`` (none for an absent background); an error for a
+    section that is no mapping, and for absent or empty ``classes:``."""
+    entries = doc.get(section)
+    if entries is None:
+        if section == "classes":
+            raise InputError(
+                "no `classes:` section: a prompt set needs at least one called class",
+                where=where,
+                fix="add `classes:` with one entry per class, each with `synonyms:`",
+            )
+        return {}
+    if not isinstance(entries, dict):
+        raise InputError(
+            f"`{section}:` must map class names to entries, got {type(entries).__name__}",
+            where=f"{where}: {section}",
+            fix="write `CLASS: {synonyms: [...]}` per class",
+        )
+    if section == "classes" and not entries:
+        raise InputError(
+            "`classes:` is empty: a prompt set needs at least one called class",
+            where=f"{where}: classes",
+            fix="add one entry per class, each with `synonyms:`",
+        )
+    return entries
+
+
+def _parse_class_entry(
+    name: str, entry: Any, at: str, default_templates: tuple[str, ...] | None
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Synonyms and templates of one class entry (a list of synonyms, or a mapping with ``synonyms:`` and
+    optionally its own ``templates:``; without them the top-level templates)."""
+    if isinstance(entry, list):
+        entry = {"synonyms": entry}
+    if not isinstance(entry, dict):
+        raise InputError(
+            f"class {name!r} must be a list of synonyms or a mapping with `synonyms:`",
+            where=at,
+            fix="write `synonyms: [...]` under the class",
+        )
+    _check_keys(entry, _CLASS_KEYS, what=f"class {name!r} has unknown key(s)", where=at, fix="rename or remove them")
+    if "synonyms" not in entry:
+        raise InputError(f"class {name!r} has no synonyms", where=at, fix="add `synonyms: [...]`")
+    synonyms = _string_list(
+        entry["synonyms"],
+        where=at,
+        what=f"synonyms of class {name!r}",
+        fix=f"list one or more names for class {name!r}",
+    )
+    if "templates" in entry:
+        return synonyms, _templates(entry["templates"], where=f"{at}.templates")
+    if default_templates is not None:
+        return synonyms, default_templates
+    raise InputError(
+        f"class {name!r} has no templates and there are no top-level `templates:`",
+        where=at,
+        fix="add top-level `templates:` or `templates:` under the class",
+    )
 
 
 def _parse_conch(doc: Mapping[str, Any], where: str, entry: str | None) -> tuple[dict, dict, dict, str]:
@@ -434,14 +453,7 @@ def load_prompt_set(path: str | Path, *, entry: str | None = None) -> PromptSet:
             raise InputError("entry= only applies to CONCH-style files with several prompt sets", where=where)
         classes, background, templates, description = _parse_histoclip(doc, where)
     _check_shared_synonyms(classes, background, where)
-    return PromptSet(
-        name=path.stem,
-        classes=classes,
-        background=background,
-        templates=templates,
-        sha256=_content_sha256(classes, background, templates),
-        description=description,
-    )
+    return PromptSet.hashed(path.stem, classes, background, templates, description)
 
 
 def to_conch_json(prompt_set: PromptSet) -> dict[str, Any]:

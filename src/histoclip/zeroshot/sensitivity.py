@@ -29,14 +29,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from histoclip.config import default_config
+from histoclip.config import SectionSettings, default_config
 from histoclip.zeroshot.classifier import call_slide, class_weights, pool, tile_scores
 from histoclip.zeroshot.evaluation import evaluate, prompt_sensitivity
 from histoclip.zeroshot.prompts import PromptSet
@@ -60,7 +60,7 @@ MAX_SCORE_VALUES = 1 << 24
 
 
 @dataclass(frozen=True)
-class SensitivitySettings:
+class SensitivitySettings(SectionSettings, section="zeroshot"):
     """Zero-shot settings (as the zeroshot rule uses them) plus the subset draws (config ``zeroshot``)."""
 
     pooling: str
@@ -71,11 +71,6 @@ class SensitivitySettings:
     template_fraction: float
     synonym_fraction: float
     seed: int
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> SensitivitySettings:
-        zeroshot = config["zeroshot"]
-        return cls(**{f.name: zeroshot[f.name] for f in fields(cls) if f.name != "seed"}, seed=config["seed"])
 
 
 class PromptCache:
@@ -172,15 +167,7 @@ def run_prompt_sensitivity(
         "synonym_fraction": settings.synonym_fraction,
         "seed": settings.seed,
     }
-    # Pass 1 only collects the subsets prompt_sensitivity draws (same seed → the same subsets in pass 2), so
-    # that every slide can then be scored against all of them in one read.
-    drawn: dict[str, PromptSet] = {}
-
-    def collect(subset: PromptSet) -> None:
-        drawn.setdefault(subset.sha256, subset)
-        return None
-
-    prompt_sensitivity(collect, prompt_set, **draw_kwargs)
+    drawn = _drawn_subsets(prompt_set, draw_kwargs)
     keys = list(drawn)
     cache = encoder if isinstance(encoder, PromptCache) else PromptCache(encoder)
     cache.add([p for cls in called for p in prompt_set.prompts(cls)])
@@ -193,15 +180,7 @@ def run_prompt_sensitivity(
             raise ValueError(f"slide {slide_id!r} has no tiles; leave it out of the held-out slides")
         pooled[i] = pooled_scores(embeddings, weights, settings)
         labels.append(label)
-
-    from histoclip.zeroshot.fewshot import quiet_evaluation
-
-    results: dict[str, dict[str, Any]] = {}
-    for j, key in enumerate(keys):
-        calls = [call_slide(pooled[i, j], called, logit_scale, settings.abstain_margin) for i in range(len(slides))]
-        probabilities = np.array([[c.probabilities[cls] for cls in called] for c in calls])
-        with quiet_evaluation():  # one line for all collapsed subsets below, not one per subset
-            results[key] = evaluate(labels, [c.call for c in calls], probabilities, called, n_bootstrap=0)
+    results = _evaluate_subsets(pooled, keys, labels, called, logit_scale, settings)
     subset_keys = [key for key in keys if key != prompt_set.sha256]
     collapsed = sum(results[key]["collapsed"] for key in subset_keys)
     if collapsed:
@@ -215,22 +194,7 @@ def run_prompt_sensitivity(
         return results[subset.sha256]["balanced_accuracy"]
 
     summary = prompt_sensitivity(score, prompt_set, **draw_kwargs)
-    rows = []
-    for index, key in enumerate([*summary["subset_sha256"], prompt_set.sha256]):
-        subset = drawn[key]
-        result = results[key]
-        rows.append(
-            {
-                "subset": "full" if index == len(summary["subset_sha256"]) else str(index + 1),
-                "prompts_sha256": key,
-                "n_prompts": sum(len(subset.prompts(cls)) for cls in called),
-                "balanced_accuracy": result["balanced_accuracy"],
-                "macro_auc": result["macro_auc"],
-                "n_scored": result["n_scored"],
-                "n_abstained": result["n_abstained"],
-                "collapsed": result["collapsed"],
-            }
-        )
+    rows = _subset_rows([*summary["subset_sha256"], prompt_set.sha256], drawn, results, called)
     summary |= {
         "prompt_set": prompt_set.name,
         "prompts_sha256": prompt_set.sha256,
@@ -241,6 +205,65 @@ def run_prompt_sensitivity(
         "settings": settings.__dict__,
     }
     return summary, pd.DataFrame(rows)
+
+
+def _drawn_subsets(prompt_set: PromptSet, draw_kwargs: Mapping[str, Any]) -> dict[str, PromptSet]:
+    """The distinct subsets :func:`prompt_sensitivity` draws (and the full set), by content hash, in draw order.
+
+    A first pass that only collects them: with the same seed the scoring pass draws the same subsets, so every
+    slide can be scored against all of them in one read.
+    """
+    drawn: dict[str, PromptSet] = {}
+
+    def collect(subset: PromptSet) -> None:
+        drawn.setdefault(subset.sha256, subset)
+        return None
+
+    prompt_sensitivity(collect, prompt_set, **draw_kwargs)
+    return drawn
+
+
+def _evaluate_subsets(
+    pooled: np.ndarray,
+    keys: Sequence[str],
+    labels: Sequence[str],
+    called: list[str],
+    logit_scale: float,
+    settings: SensitivitySettings,
+) -> dict[str, dict[str, Any]]:
+    """Each subset's slide calls (``pooled``: slides × subsets × classes) evaluated against ``labels``."""
+    from histoclip.zeroshot.fewshot import quiet_evaluation
+
+    results: dict[str, dict[str, Any]] = {}
+    for j, key in enumerate(keys):
+        calls = [call_slide(pooled[i, j], called, logit_scale, settings.abstain_margin) for i in range(len(pooled))]
+        probabilities = np.array([[c.probabilities[cls] for cls in called] for c in calls])
+        with quiet_evaluation():  # one line for all collapsed subsets below, not one per subset
+            results[key] = evaluate(labels, [c.call for c in calls], probabilities, called, n_bootstrap=0)
+    return results
+
+
+def _subset_rows(
+    keys: Sequence[str], drawn: Mapping[str, PromptSet], results: Mapping[str, Mapping[str, Any]], called: list[str]
+) -> list[dict[str, Any]]:
+    """One table row per subset in ``keys`` (numbered from 1), the last one the full set."""
+    rows = []
+    for index, key in enumerate(keys):
+        subset = drawn[key]
+        result = results[key]
+        rows.append(
+            {
+                "subset": "full" if index == len(keys) - 1 else str(index + 1),
+                "prompts_sha256": key,
+                "n_prompts": sum(len(subset.prompts(cls)) for cls in called),
+                "balanced_accuracy": result["balanced_accuracy"],
+                "macro_auc": result["macro_auc"],
+                "n_scored": result["n_scored"],
+                "n_abstained": result["n_abstained"],
+                "collapsed": result["collapsed"],
+            }
+        )
+    return rows
 
 
 def cohort_prompt_sensitivity(
