@@ -143,7 +143,8 @@ def test_checkpoint_shapes_come_from_the_header_and_fit_the_architecture(tmp_pat
     expected = {k: tuple(v.shape) for k, v in tiny_state.items()}
     assert checkpoint_shapes(tmp_path / "w.safetensors") == expected
     assert checkpoint_shapes(tmp_path / "w.pt") == expected  # state_dict wrapper and module. prefix undone
-    from histoclip.embedding.models import ModelSpec, register_json_config
+    from histoclip.embedding.backends.open_clip_backend import register_json_config
+    from histoclip.embedding.models import ModelSpec
 
     name = register_json_config(TINY_VIT, ModelSpec("tiny", str(TINY_VIT)))
     built, custom_text = architecture_shapes(name)

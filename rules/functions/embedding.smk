@@ -6,16 +6,11 @@ def model_entry(wildcards):
 
 
 def model_inputs(wildcards):
-    """Files a model is made from, so that a changed or newly trained model re-runs what used it."""
-    entry = config["models"][wildcards.model]
-    model = entry["model"]
-    if model.startswith("local-dir:results/models/"):
-        return [f"{model[len('local-dir:'):]}/open_clip_model.safetensors"]
-    files = [model] if model.endswith(".json") and Path(model).exists() else []
-    pretrained = entry.get("pretrained")
-    if pretrained and Path(pretrained).exists():
-        files.append(pretrained)
-    return files
+    """Files a model is made from (as its backend says), so that a changed or newly trained model re-runs what
+    used it."""
+    from histoclip.embedding.backends import model_files as backend_model_files
+
+    return backend_model_files(wildcards.model, config["models"][wildcards.model])
 
 
 def model_files(model):

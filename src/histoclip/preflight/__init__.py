@@ -32,9 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from histoclip.config import default_config, fill_defaults, load_schema, validate_config
+from histoclip.embedding.backends.checkpoints import checkpoint_shapes
+from histoclip.embedding.backends.open_clip_backend import architecture_shapes, fit_problems
 from histoclip.errors import InputError
 from histoclip.preflight.inputs import check_clinical, check_outputs, check_prompts, check_sheet, prompt_set_file
-from histoclip.preflight.models import architecture_shapes, check_model, checkpoint_shapes, fit_problems
+from histoclip.preflight.models import check_model
 from histoclip.preflight.problems import COLUMNS, SEVERITIES, SUBJECTS, Problem, problems_from
 from histoclip.preflight.report import PreflightReport, describe, write_report
 from histoclip.preflight.slides import SLIDE_COLUMNS, SlideCheck, SlideSettings, check_slide, check_slides
