@@ -130,7 +130,7 @@ def output_metadata(job: SlideJob, model: LoadedModel, dtype: str) -> dict[str, 
         "tiles_sha256": job.tiles_sha256,
         "embedding_dtype": dtype,
         "normalised": "L2",
-        "space": "open_clip projected image embedding (encode_image), the zero-shot space",
+        "space": model.space,
         **model.provenance(),
     }
 

@@ -103,6 +103,8 @@ class LoadedModel:
     text_features: Callable[[list[str]], torch.Tensor] | None = None
     #: the model's logit scale (exp of its learnt temperature); None for an image-only encoder
     logit_scale_of: Callable[[], float] | None = None
+    #: what the stored embeddings are (the embedding file's ``space`` metadata)
+    space: str = "open_clip projected image embedding (encode_image), the zero-shot space"
     autocast_dtype: torch.dtype | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
