@@ -50,7 +50,7 @@ rule phenotypes:
     params:
         slides=lambda wildcards: slide_ids(),
         sheet=config["slides"],
-        prompt_sets=prompt_set_names(),
+        prompt_sets=model_prompt_sets,
         settings=phenotype_settings,
     log:
         "results/logs/phenotypes/{model}.log",

@@ -89,6 +89,34 @@ def embedding_models():
     return list(config["embedding"]["models"])
 
 
+@functools.cache
+def has_text(model):
+    """Whether a model has a text tower (its backend says; image-only encoders such as timm's have none)."""
+    from histoclip.embedding.backends import model_has_text
+
+    return model_has_text(model, config["models"][model])
+
+
+def text_models():
+    """The embedding models with a text tower: the ones zero-shot calls, evidence, text retrieval, prompt
+    sensitivity and few-shot (against zero-shot) are made for."""
+    return [model for model in embedding_models() if has_text(model)]
+
+
+@functools.cache
+def image_only_note():
+    """One log line per image-only model of the run: what the default target leaves out for it, and why."""
+    for model in embedding_models():
+        if not has_text(model):
+            logging.getLogger("histoclip").warning(
+                "model %s (backend %s) has no text tower: its zero-shot calls, evidence, text → tile retrieval, "
+                "prompt sensitivity, few-shot and survival terms that read calls are left out of the default target; "
+                "embeddings, slide embeddings, phenotypes (numbered, not named), clustering and slide neighbours are made",
+                model,
+                config["models"][model].get("backend"),
+            )
+
+
 def prompt_set_names():
     return [Path(p).stem if p.endswith((".yaml", ".yml", ".json")) else p for p in config["zeroshot"]["prompt_sets"]]
 
@@ -150,6 +178,7 @@ def wildcards_for(**values):
 
 
 def all_outputs(wildcards):
+    image_only_note()
     return [
         "results/versions.tsv",
         "results/qc/cohort.tsv",
@@ -174,6 +203,6 @@ def figure_files(wildcards=None):
     figures = [path for path in all_outputs(wildcards) if path.startswith("results/figures/") or "/evidence/" in path]
     if Path(config["slides"]).exists():
         figures += expand(
-            "results/retrieval/{model}/text_to_tiles/{slug}.tsv", model=embedding_models(), slug=retrieval_query_slugs()
+            "results/retrieval/{model}/text_to_tiles/{slug}.tsv", model=text_models(), slug=retrieval_query_slugs()
         )
     return figures

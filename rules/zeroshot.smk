@@ -8,7 +8,7 @@ include: "functions/zeroshot.smk"
 rule encode_prompts:
     input:
         prompts=prompt_set_path,
-        model=model_inputs,
+        model=text_model_inputs,
     output:
         classifier="results/zeroshot/{model}/{promptset}/text_classifier.parquet",
     params:
@@ -51,7 +51,7 @@ rule zeroshot:
 rule prompt_sensitivity:
     input:
         prompts=prompt_set_path,
-        model=model_inputs,
+        model=text_model_inputs,
         classifier="results/zeroshot/{model}/{promptset}/text_classifier.parquet",
         calls="results/zeroshot/{model}/{promptset}/calls.tsv",
         embeddings=embedding_manifest,
@@ -185,7 +185,7 @@ for _model, _promptset, _shard, _slides in evidence_shard_rules():
 
 rule retrieve_tiles:
     input:
-        model=model_inputs,
+        model=text_model_inputs,
         embeddings=embedding_manifest,
         cohort_qc="results/qc/cohort.tsv",  # stands for every tile file (it is made from them all)
         class_maps=demo_class_maps,

@@ -12,14 +12,20 @@ def aggregation_prompt_set():
     return name
 
 
+def model_prompt_sets(wildcards):
+    """The prompt sets a model's cohort analyses use: none for a model without a text tower."""
+    return prompt_set_names() if has_text(wildcards.model) else []
+
+
 def aggregation_tile_scores(wildcards):
-    name = aggregation_prompt_set()
+    name = aggregation_prompt_set() if has_text(wildcards.model) else None
     return [f"results/zeroshot/{wildcards.model}/{name}/tile_scores"] if name else []
 
 
-def aggregation_settings(wildcards=None):
+def aggregation_settings(wildcards):
     top_k = config["aggregation"]["class_top_k"] or config["zeroshot"]["top_k"]
-    return {"prompt_set": aggregation_prompt_set(), "class_top_k": top_k}
+    prompt_set = aggregation_prompt_set() if has_text(wildcards.model) else None
+    return {"prompt_set": prompt_set, "class_top_k": top_k}
 
 
 def slide_tables(wildcards=None):
@@ -35,11 +41,12 @@ def clustering_settings(wildcards=None):
 
 
 def phenotype_classifiers(wildcards):
-    """Text classifiers of every prompt set (the first one names the phenotypes in class_composition.tsv)."""
+    """Text classifiers of every prompt set (the first one names the phenotypes in class_composition.tsv); none
+    for a model without a text tower (its phenotypes are numbered, not named)."""
     return expand(
         "results/zeroshot/{model}/{promptset}/text_classifier.parquet",
         model=wildcards.model,
-        promptset=prompt_set_names(),
+        promptset=model_prompt_sets(wildcards),
     )
 
 
@@ -54,8 +61,9 @@ def slide_cluster_inputs(wildcards):
 
 
 def slide_map_calls(wildcards):
-    """Zero-shot calls of the first prompt set, to colour the slide map by (none without prompt sets)."""
-    names = prompt_set_names()
+    """Zero-shot calls of the first prompt set, to colour the slide map by (none without prompt sets or a text
+    tower)."""
+    names = model_prompt_sets(wildcards)
     return {"calls": f"results/zeroshot/{wildcards.model}/{names[0]}/calls.tsv"} if names else {}
 
 

@@ -7,7 +7,7 @@ def zeroshot_figures(wildcards=None):
         return []
     return expand(
         "results/figures/zeroshot/{model}/{promptset}/{figure}.tsv",
-        model=embedding_models(),
+        model=text_models(),
         promptset=prompt_set_names(),
         figure=("confusion", "roc"),
     )

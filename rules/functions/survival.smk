@@ -22,10 +22,32 @@ def survival_prompt_set():
     return config["survival"]["prompt_set"] or prompt_set_names()[0]
 
 
+#: Slide tables that exist only for a model with a text tower (zero-shot calls; phenotypes named by class).
+TEXT_SOURCES = ("calls", "class_composition")
+
+
+def survival_text_sources():
+    """The text-derived tables the configured terms and groupings read."""
+    from histoclip.survival.plan import required_sources
+
+    return [source for source in required_sources(survival_plan()) if source in TEXT_SOURCES]
+
+
+def survival_models():
+    """The models survival is fitted for: every embedding model, but those without a text tower when the terms
+    or groupings read zero-shot calls or class fractions."""
+    return [model for model in embedding_models() if has_text(model) or not survival_text_sources()]
+
+
 def survival_inputs(wildcards):
     """Clinical table, sheet, and only the slide-level tables the configured terms and groupings read."""
     from histoclip.survival.plan import required_sources
 
+    if not has_text(wildcards.model) and survival_text_sources():
+        raise ValueError(
+            f"model {wildcards.model!r} has no text tower, and survival reads {survival_text_sources()} (zero-shot "
+            "calls or class fractions named by text): use phenotype:, phenotypes, cluster and clinical: terms for it"
+        )
     if not config["clinical"]:
         raise ValueError("survival needs a clinical table: set `clinical` in the config (or --config clinical=PATH)")
     sources = {
@@ -65,7 +87,7 @@ def survival_tables(wildcards=None):
         return []
     names = ["patients", "cox_univariable", "cox_multivariable", "cindex"]
     names += [f"km_{n}{suffix}" for n in survival_grouping_names() for suffix in ("", "_logrank")]
-    return expand("results/survival/{model}/{name}.tsv", model=embedding_models(), name=names)
+    return expand("results/survival/{model}/{name}.tsv", model=survival_models(), name=names)
 
 
 def survival_figures(wildcards=None):
@@ -73,4 +95,4 @@ def survival_figures(wildcards=None):
     if not config["clinical"]:
         return []
     names = ["forest", *[f"km_{n}" for n in survival_grouping_names()]]
-    return expand("results/figures/survival/{model}/{name}.tsv", model=embedding_models(), name=names)
+    return expand("results/figures/survival/{model}/{name}.tsv", model=survival_models(), name=names)

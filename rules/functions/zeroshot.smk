@@ -18,7 +18,7 @@ def prompt_set_path(wildcards):
 
 def zeroshot_calls(wildcards=None):
     return expand(
-        "results/zeroshot/{model}/{promptset}/calls.tsv", model=embedding_models(), promptset=prompt_set_names()
+        "results/zeroshot/{model}/{promptset}/calls.tsv", model=text_models(), promptset=prompt_set_names()
     )
 
 
@@ -45,7 +45,7 @@ def prompt_sensitivity_outputs(wildcards=None):
             "results/zeroshot/{model}/{promptset}/prompt_sensitivity.json",
             "results/figures/zeroshot/{model}/{promptset}/prompt_sensitivity.tsv",
         ],
-        model=embedding_models(),
+        model=text_models(),
         promptset=prompt_set_names(),
     )
 
@@ -63,7 +63,7 @@ def fewshot_outputs(wildcards=None):
             "results/fewshot/{model}/{promptset}/summary.tsv",
             "results/figures/fewshot/{model}/{promptset}/balanced_accuracy_vs_k.tsv",
         ],
-        model=embedding_models(),
+        model=text_models(),
         promptset=prompt_set_names(),
     )
 
@@ -73,7 +73,7 @@ def evidence_shard_rules():
     shards = embedding_shards()
     return [
         (model, promptset, shard, ids)
-        for model in embedding_models()
+        for model in text_models()
         for promptset in prompt_set_names()
         for shard, ids in shards.items()
     ]
@@ -111,14 +111,23 @@ def retrieval_gallery_outputs():
 
 
 def retrieval_outputs(wildcards=None):
-    """Retrieval tables (text → tiles, slide neighbours, precision@k) per embedding model."""
+    """Retrieval tables per embedding model: slide neighbours and precision@k for every model, text → tiles for
+    the models with a text tower."""
     if not Path(config["slides"]).exists():
         return []
-    return expand(
-        [
-            "results/retrieval/{model}/text_to_tiles.tsv",
-            "results/retrieval/{model}/slide_neighbours.tsv",
-            "results/retrieval/{model}/slide_retrieval.json",
-        ],
+    return expand("results/retrieval/{model}/text_to_tiles.tsv", model=text_models()) + expand(
+        ["results/retrieval/{model}/slide_neighbours.tsv", "results/retrieval/{model}/slide_retrieval.json"],
         model=embedding_models(),
     )
+
+
+def text_model_inputs(wildcards):
+    """model_inputs() of a rule that needs the model's text tower; a model without one is refused here, by name,
+    when such an output is asked for."""
+    if not has_text(wildcards.model):
+        backend = config["models"][wildcards.model].get("backend")
+        raise ValueError(
+            f"model {wildcards.model!r} (backend {backend}) has no text tower: zero-shot calls, evidence, text → tile "
+            "retrieval, prompt sensitivity and training need a vision-language model (open_clip, conch, hf-clip)"
+        )
+    return model_inputs(wildcards)

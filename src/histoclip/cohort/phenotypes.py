@@ -437,7 +437,10 @@ def _run_phenotypes(
         first = next(iter(classifiers.values()))
         by_class = class_composition(composition, named["nearest_class"].tolist(), first.classes)
     else:
-        log.warning("no prompt set configured (zeroshot.prompt_sets): phenotypes are not named, no class fractions")
+        log.warning(
+            "no text classifier (no prompt set in zeroshot.prompt_sets, or a model without a text tower): "
+            "phenotypes are numbered, not named, and there are no class fractions"
+        )
         by_class = composition[["slide_id", "patient_id", "n_tiles"]].copy()
     formats.write_composition(out_dir / "class_composition.tsv", by_class)
 

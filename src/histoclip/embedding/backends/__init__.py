@@ -20,7 +20,7 @@ from histoclip.errors import InputError
 if TYPE_CHECKING:
     from histoclip.embedding.models import LoadedModel, ModelSpec
 
-__all__ = ["BACKENDS", "Backend", "Finding", "backend_for", "backend_named", "model_files"]
+__all__ = ["BACKENDS", "Backend", "Finding", "backend_for", "backend_named", "model_files", "model_has_text"]
 
 #: Backend name → module under histoclip.embedding.backends (imported only when the backend is used).
 BACKENDS: dict[str, str] = {
@@ -39,8 +39,9 @@ class Backend(Protocol):
 
     name: str
 
-    def has_text(self, spec: ModelSpec) -> bool:
-        """Whether the model has a text tower (zero-shot, evidence, retrieval, prompt sensitivity, training)."""
+    def has_text(self, entry: Mapping[str, Any]) -> bool:
+        """Whether a config entry's model has a text tower (zero-shot calls, evidence, text retrieval, prompt
+        sensitivity, training need one). Cheap: called at parse time."""
 
     def files(self, entry: Mapping[str, Any]) -> list[str]:
         """Local files a config entry is made from, as the config gives them (rule inputs: a changed checkpoint
@@ -76,3 +77,8 @@ def backend_for(spec: ModelSpec) -> Backend:
 def model_files(name: str, entry: Mapping[str, Any]) -> list[str]:
     """The files a config entry's model is made from (its backend's :meth:`Backend.files`)."""
     return backend_named(str(entry.get("backend", "open_clip")), name).files(entry)
+
+
+def model_has_text(name: str, entry: Mapping[str, Any]) -> bool:
+    """Whether a config entry's model has a text tower (its backend's :meth:`Backend.has_text`)."""
+    return backend_named(str(entry.get("backend", "open_clip")), name).has_text(entry)

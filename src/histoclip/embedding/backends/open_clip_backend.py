@@ -181,7 +181,7 @@ def _create(spec: ModelSpec, model_name: str, weights_file: str | None, device: 
 class OpenClipBackend:
     name = "open_clip"
 
-    def has_text(self, spec: ModelSpec) -> bool:
+    def has_text(self, entry: Mapping[str, Any]) -> bool:
         return True
 
     def files(self, entry: Mapping[str, Any]) -> list[str]:
