@@ -28,7 +28,8 @@ def pins(lines):
 @pytest.fixture(scope="module")
 def project_pins(repo):
     pyproject = tomllib.loads((repo / "pyproject.toml").read_text())
-    declared = pins(pyproject["project"]["dependencies"] + pyproject["project"]["optional-dependencies"]["test"])
+    extras = [pin for group in pyproject["project"]["optional-dependencies"].values() for pin in group]
+    declared = pins(pyproject["project"]["dependencies"] + extras)
     locked = pins((repo / "constraints.txt").read_text().splitlines())
     return declared, locked
 

@@ -56,7 +56,8 @@ class ModelSpec:
                     return str((Path(folder) / path).resolve())
             return str((Path(search_dirs[0]) / path).resolve())
 
-        model = str(entry["model"])
+        backend = str(entry.get("backend", "open_clip"))
+        model = str(entry.get("model") or default_model(name, backend))
         if model.endswith(".json"):
             model = resolve(model)
         elif model.startswith("local-dir:"):
@@ -69,7 +70,7 @@ class ModelSpec:
         return cls(
             name=name,
             model=model,
-            backend=str(entry.get("backend", "open_clip")),
+            backend=backend,
             pretrained=pretrained,
             image_size=entry.get("image_size"),
             mean=tuple(entry["mean"]) if entry.get("mean") else None,
@@ -79,6 +80,19 @@ class ModelSpec:
             allow_download=bool(entry.get("allow_download", False)),
             seed=int(entry.get("seed", 0)),
         )
+
+
+def default_model(name: str, backend: str) -> str:
+    """The model a backend builds when an entry names none (conch: its released config); the schema requires
+    ``model`` for the other backends, and this says so for an entry that did not pass through it."""
+    from histoclip.embedding.backends import backend_named
+
+    default = getattr(backend_named(backend, name), "default_model", None)
+    if default is None:
+        raise InputError(
+            f"model {name!r} has no `model`", where=f"config models.{name}", fix=f"say which {backend} model to load"
+        )
+    return str(default)
 
 
 @dataclass

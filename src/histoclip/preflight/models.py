@@ -25,7 +25,7 @@ def check_model(
     from histoclip.embedding.backends import backend_for
     from histoclip.embedding.models import ModelSpec
 
-    raw = str(entry["model"])
+    raw = str(entry.get("model", ""))  # a conch entry may leave it out
     trained = {f"local-dir:results/models/{t}" for t in config.get("training", {})}
     try:
         spec = ModelSpec.from_config(name, entry, search_dirs)
