@@ -38,6 +38,8 @@ class Backend(Protocol):
     """What the workflow needs from a model backend."""
 
     name: str
+    #: the ``model`` of an entry that leaves it out (only backends whose models have a canonical config: conch)
+    default_model: str | None
 
     def has_text(self, entry: Mapping[str, Any]) -> bool:
         """Whether a config entry's model has a text tower (zero-shot calls, evidence, text retrieval, prompt

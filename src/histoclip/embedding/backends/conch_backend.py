@@ -205,7 +205,7 @@ class ConchBackend:
     name = "conch"
     default_model = DEFAULT_MODEL
 
-    def has_text(self, spec: ModelSpec) -> bool:
+    def has_text(self, entry: Mapping[str, Any]) -> bool:
         return True
 
     def files(self, entry: Mapping[str, Any]) -> list[str]:

@@ -180,6 +180,7 @@ def _create(spec: ModelSpec, model_name: str, weights_file: str | None, device: 
 
 class OpenClipBackend:
     name = "open_clip"
+    default_model = None
 
     def has_text(self, entry: Mapping[str, Any]) -> bool:
         return True
