@@ -42,6 +42,10 @@ class ModelSpec:
     batch_size: int | str | None = None
     allow_download: bool = False
     seed: int = 0
+    #: timm: how one embedding is read from the tokens (cls, mean, cls+mean, head); None = from the folder's config
+    pooling: str | None = None
+    #: timm: constructor arguments over the folder's config.json (what a model card passes in code)
+    model_args: Mapping[str, Any] | None = field(default=None, hash=False)
 
     @classmethod
     def from_config(cls, name: str, entry: Mapping[str, Any], search_dirs: Sequence[str | Path] = (".",)) -> ModelSpec:
@@ -79,6 +83,8 @@ class ModelSpec:
             batch_size=entry.get("batch_size"),
             allow_download=bool(entry.get("allow_download", False)),
             seed=int(entry.get("seed", 0)),
+            pooling=entry.get("pooling"),
+            model_args=dict(entry["model_args"]) if entry.get("model_args") else None,
         )
 
 
@@ -144,6 +150,7 @@ class LoadedModel:
             },
             "precision": str(self.autocast_dtype).replace("torch.", "") if self.autocast_dtype else "fp32",
             "device": self.device.type,
+            **({"pooling": self.extra["pooling"]} if "pooling" in self.extra else {}),
         }
 
     @property
