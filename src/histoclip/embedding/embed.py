@@ -137,7 +137,7 @@ def output_metadata(job: SlideJob, model: LoadedModel, dtype: str) -> dict[str, 
 
 #: What an embedding file must still match to be reused, besides its number of rows: its tile file, the model and
 #: the storage settings.
-REUSE_FIELDS = ("tiles_sha256", "weights_sha256", "embedding_dtype", "dim", "preprocessing")
+REUSE_FIELDS = ("tiles_sha256", "weights_sha256", "embedding_dtype", "dim", "preprocessing", "pooling")
 
 
 def _embeddings_key(n_rows: int, meta: Mapping[str, Any]) -> str:

@@ -237,8 +237,9 @@ def _preprocessing(spec: ModelSpec, cfg: TimmConfig) -> tuple[int, tuple[float, 
 
 class TimmBackend:
     name = "timm"
+    default_model = None
 
-    def has_text(self, spec: ModelSpec) -> bool:
+    def has_text(self, entry: Mapping[str, Any]) -> bool:
         return False
 
     def files(self, entry: Mapping[str, Any]) -> list[str]:
