@@ -145,7 +145,8 @@ def test_what_the_loaded_model_says_about_itself(plip):
     assert loaded.mean == pytest.approx(processor["image_mean"]) and loaded.std == pytest.approx(processor["image_std"])
     assert loaded.weights == str(plip / "model.safetensors")
     assert loaded.weights_sha256 == sha256_file(plip / "model.safetensors")
-    assert loaded.has_text and "get_image_features" in loaded.space
+    assert loaded.has_text and BACKEND.has_text({"backend": "hf-clip", "model": str(plip)})
+    assert "get_image_features" in loaded.space
     assert loaded.provenance()["backend"] == "hf-clip"
     assert "patch 16" in loaded.architecture
     ids = loaded.model.text_model.embeddings.position_ids

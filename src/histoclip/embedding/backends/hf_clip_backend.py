@@ -300,9 +300,10 @@ def _tokenizer_error(spec: ModelSpec, folder: Path, missing: list[str]) -> Input
 
 class HfClipBackend:
     name = "hf-clip"
+    default_model = None  # the schema requires `model`: the folder or hf-hub:org/repo
 
-    def has_text(self, spec: ModelSpec) -> bool:
-        return True
+    def has_text(self, entry: Mapping[str, Any]) -> bool:
+        return True  # a CLIPModel always has its text tower
 
     def files(self, entry: Mapping[str, Any]) -> list[str]:
         """config.json and the weights file(s) that exist (a cached snapshot's for hf-hub, when cached)."""
