@@ -40,6 +40,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_cohort_embedding.py
 	$(BIN)/python benchmarks/bench_dag.py
 	$(BIN)/python benchmarks/bench_preflight.py
+	$(BIN)/python benchmarks/bench_backends.py
 
 clean:
 	rm -rf results/* .snakemake

@@ -99,7 +99,7 @@ def has_text(model):
 
 def text_models():
     """The embedding models with a text tower: the ones zero-shot calls, evidence, text retrieval, prompt
-    sensitivity and few-shot (against zero-shot) are made for."""
+    sensitivity and few-shot against zero-shot are made for (few-shot without a text tower: rule fewshot_labels)."""
     return [model for model in embedding_models() if has_text(model)]
 
 
@@ -110,8 +110,9 @@ def image_only_note():
         if not has_text(model):
             logging.getLogger("histoclip").warning(
                 "model %s (backend %s) has no text tower: its zero-shot calls, evidence, text → tile retrieval, "
-                "prompt sensitivity, few-shot and survival terms that read calls are left out of the default target; "
-                "embeddings, slide embeddings, phenotypes (numbered, not named), clustering and slide neighbours are made",
+                "prompt sensitivity, few-shot against zero-shot and survival terms that read calls are left out of the "
+                "default target; embeddings, slide embeddings, phenotypes (numbered, not named), clustering, slide "
+                "neighbours and few-shot on the sheet's labels are made",
                 model,
                 config["models"][model].get("backend"),
             )

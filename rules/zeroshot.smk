@@ -133,6 +133,46 @@ rule fewshot:
         "../scripts/zeroshot/fewshot.py"
 
 
+# The same for a model without a text tower: the labelled slides and classes from the cohort sheet (its labels,
+# sorted), no zero-shot line. Its own path (labels, not a prompt set); the model constraint and the rule order
+# keep it apart from rule fewshot, which still makes a text model's prompt set named "labels".
+
+
+ruleorder: fewshot_labels > fewshot
+
+
+rule fewshot_labels:
+    input:
+        slides="results/slides/{model}.parquet",
+    output:
+        results="results/fewshot/{model}/labels/fewshot.tsv",
+        summary=report(
+            "results/fewshot/{model}/labels/summary.tsv",
+            caption="../config/report/fewshot_summary.rst",
+            category="3. Few-shot",
+            subcategory="{model} / sheet labels",
+        ),
+        **figure_outputs(
+            "results/figures/fewshot/{model}/labels/balanced_accuracy_vs_k",
+            caption="fewshot.rst",
+            category="3. Few-shot",
+            subcategory="{model} / sheet labels",
+        ),
+    wildcard_constraints:
+        model=image_only_model_pattern(),
+    params:
+        settings=fewshot_settings,
+        style=figure_style,
+        sheet=config["slides"],
+    log:
+        "results/logs/fewshot/{model}/labels.log",
+    threads: 1
+    conda:
+        "../envs/stats.yaml"
+    script:
+        "../scripts/zeroshot/fewshot.py"
+
+
 rule fewshot_all:
     input:
         fewshot_outputs,

@@ -239,3 +239,37 @@ def test_patient_in_both_splits_is_warned_about(cohort, caplog):
             FewShotSettings.from_config(default_config({"fewshot": {"shots": [1], "draws": 1}})),
         )
     assert facts["patients_in_both_splits"] == ["P0"] and "split the sheet by patient" in caplog.text
+
+
+def test_run_fewshot_without_calls_reads_the_sheet_labels(tmp_path):
+    """A model without a text tower: labels, split and classes from the cohort sheet, the same held-out rule
+    (labelled, with tiles, not train), two well-separated classes are told apart, and no zero-shot row."""
+    rng = np.random.default_rng(11)
+    centres = np.eye(4)[:2] * 5
+    ids, patients, files, rows = [], [], [], []
+    for i in range(16):
+        slide, label = f"t{i:02d}", CLASSES[i % 2]
+        n = 0 if i == 15 else 5  # held out but without tiles: not evaluated
+        tiles = centres[i % 2] + 0.3 * rng.normal(size=(n, 4))
+        files.append(write_embeddings(tmp_path / "emb" / f"{slide}.parquet", tiles))
+        ids.append(slide)
+        patients.append(f"P{i}")
+        label = "" if i == 14 else label
+        rows.append(f"{slide}\tP{i}\t{slide}.svs\t{label}\t{'train' if i < 8 else 'test'}\n")
+    aggregate_slides(ids, patients, files, tmp_path / "slides.parquet")
+    (tmp_path / "slides.tsv").write_text("slide_id\tpatient_id\tpath\tlabel\tsplit\n" + "".join(rows))
+    settings = FewShotSettings.from_config(default_config({"fewshot": {"shots": [1, 2, 8], "draws": 3}}))
+    results, summary, facts = run_fewshot(tmp_path / "slides.parquet", None, settings, sheet=tmp_path / "slides.tsv")
+    assert facts["classes"] == sorted(CLASSES) and facts["zeroshot_balanced_accuracy"] is None
+    assert facts["test_slides"] == [f"t{i:02d}" for i in range(8, 14)]
+    assert facts["n_pool"] == {"LUAD": 4, "LUSC": 4}
+    assert (results["balanced_accuracy"] >= 0.99).all()
+    assert set(summary["method"]) == {"prototype", "logistic", "skipped"}
+    assert summary.loc[summary["method"] == "skipped", "k"].tolist() == [8]
+    written = plot_fewshot(
+        summary, tmp_path / "fig" / "curve", FigureStyle.from_config(default_config({"figures": {"formats": ["png"]}}))
+    )
+    assert "zeroshot" not in set(pd.read_csv(written[-1], sep="\t")["method"])
+    (tmp_path / "nolabel.tsv").write_text("slide_id\tpatient_id\tpath\n" + "".join(f"{s}\tP\tx.svs\n" for s in ids))
+    with pytest.raises(InputError, match="add `label`"):
+        run_fewshot(tmp_path / "slides.parquet", None, settings, sheet=tmp_path / "nolabel.tsv")

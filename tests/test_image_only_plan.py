@@ -1,7 +1,7 @@
 """A model without a text tower (a timm encoder such as UNI) in the plan: the default target makes what it can
-for it (embeddings, slide embeddings, numbered phenotypes, clustering, slide neighbours) and says once what it
-leaves out; asking for a zero-shot output of it is refused with a line that names the model. Dry runs only:
-planning opens no slide and loads no model."""
+for it (embeddings, slide embeddings, numbered phenotypes, clustering, slide neighbours, few-shot on the sheet's
+labels) and says once what it leaves out; asking for a zero-shot output of it is refused with a line that names
+the model. Dry runs only: planning opens no slide and loads no model."""
 
 from __future__ import annotations
 
@@ -65,6 +65,8 @@ def test_default_target_leaves_text_outputs_out_and_says_so(image_only_run):
     rules = planned_rules(output)
     assert {"embed_uni_shard00000", "aggregate", "phenotypes", "cluster_slides", "slide_neighbours"} <= rules
     assert "survival" in rules  # phenotype and cluster terms need no text
+    assert "fewshot_labels" in rules  # prototype and probe need no text: the sheet's labels, no zero-shot line
+    assert "results/fewshot/uni/labels/summary.tsv" in output
     assert not rules & {"encode_prompts", "zeroshot", "prompt_sensitivity", "fewshot", "retrieve_tiles"}
     assert not any(rule.startswith("zeroshot_evidence") for rule in rules)
     assert len(re.findall(r"model uni \(backend timm\) has no text tower", output)) == 1

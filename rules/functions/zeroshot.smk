@@ -55,17 +55,22 @@ def fewshot_settings(wildcards=None):
 
 
 def fewshot_outputs(wildcards=None):
-    """Few-shot tables and figures per (model, prompt set); only when the sheet has labels."""
+    """Few-shot tables and figures per (model, prompt set), and per model without a text tower (labels from the
+    sheet, no zero-shot); only when the sheet has labels."""
     if not Path(config["slides"]).exists() or not has_labels():
         return []
-    return expand(
-        [
-            "results/fewshot/{model}/{promptset}/summary.tsv",
-            "results/figures/fewshot/{model}/{promptset}/balanced_accuracy_vs_k.tsv",
-        ],
-        model=text_models(),
-        promptset=prompt_set_names(),
-    )
+    stems = ["results/fewshot/{model}/{promptset}/summary.tsv"]
+    stems.append("results/figures/fewshot/{model}/{promptset}/balanced_accuracy_vs_k.tsv")
+    image_only = [model for model in embedding_models() if not has_text(model)]
+    return [
+        *expand(stems, model=text_models(), promptset=prompt_set_names()),
+        *expand(stems, model=image_only, promptset="labels"),
+    ]
+
+
+def image_only_model_pattern():
+    """The model wildcard constraint of the fewshot_labels rule: embedding models without a text tower."""
+    return "|".join(re.escape(model) for model in embedding_models() if not has_text(model)) or "(?!)"
 
 
 def evidence_shard_rules():

@@ -12,6 +12,11 @@ Data: the slide table of the aggregation stage (one unit-norm embedding per slid
 zero-shot evaluation uses (:func:`histoclip.zeroshot.evaluation.evaluated_slides`). The held-out labels are never
 used to choose anything: ``k``, the draws, ``C`` are fixed in the config.
 
+A model without a text tower has no calls: the same table (slide_id, label, split, n_tiles) then comes from the
+cohort sheet and the slide table (:func:`sheet_labels`), the classes are the sheet's labels (sorted), and there is
+no zero-shot row. Prompt-set classes are not used for it: which classes a prompt set calls is a property of the
+prompts, and such a model never reads them.
+
 Methods, as in the few-shot evaluations of CONCH and UNI:
 
 - **prototype** (SimpleShot-style nearest class mean): per class, the mean of its shots' L2-normalised
@@ -55,6 +60,7 @@ __all__ = [
     "prototypes",
     "quiet_evaluation",
     "run_fewshot",
+    "sheet_labels",
     "summarise",
 ]
 
@@ -218,7 +224,8 @@ def summarise(
 ) -> pd.DataFrame:
     """Median and range of balanced accuracy per (method, k), a zero-shot row, and one row per skipped ``k``.
 
-    Columns: method, k, n_draws, median, min, max, n_test, note. The zero-shot row has ``k`` 0 and one "draw".
+    Columns: method, k, n_draws, median, min, max, n_test, note. The zero-shot row has ``k`` 0 and one "draw";
+    there is none when ``zeroshot`` is None (a model without zero-shot calls).
     """
     rows: list[dict[str, Any]] = []
     for (method, k), group in results.groupby(["method", "k"], sort=False):
@@ -237,19 +244,20 @@ def summarise(
                 else "",
             }
         )
-    zs = float("nan") if zeroshot is None else float(zeroshot)
-    rows.append(
-        {
-            "method": "zeroshot",
-            "k": 0,
-            "n_draws": 1,
-            "median": zs,
-            "min": zs,
-            "max": zs,
-            "n_test": n_test,
-            "note": "most probable class (no abstention), the same held-out slides",
-        }
-    )
+    if zeroshot is not None:
+        zs = float(zeroshot)
+        rows.append(
+            {
+                "method": "zeroshot",
+                "k": 0,
+                "n_draws": 1,
+                "median": zs,
+                "min": zs,
+                "max": zs,
+                "n_test": n_test,
+                "note": "most probable class (no abstention), the same held-out slides",
+            }
+        )
     for k, note in (notes or {}).items():
         nan = float("nan")
         rows.append(
@@ -273,29 +281,64 @@ def read_calls(path: str | Path) -> pd.DataFrame:
     return calls
 
 
+def sheet_labels(sheet: str | Path, slides: pd.DataFrame) -> pd.DataFrame:
+    """What few-shot reads of a calls table (slide_id, label, split, n_tiles) for a model without zero-shot calls:
+    label and split from the cohort ``sheet`` ("" where a slide has none), n_tiles from the slide table frame
+    ``slides`` (:func:`histoclip.formats.read_slide_embeddings`; NaN for a sheet slide it lacks)."""
+    from histoclip.sheets import read_cohort_sheet
+
+    records = read_cohort_sheet(sheet, check_files=False)
+    if not any(r.label for r in records):
+        raise InputError(
+            "has no labels",
+            where=str(sheet),
+            fix="add `label` (and `split`: train for the slides shots may be drawn from) to the cohort sheet",
+        )
+    n_tiles = dict(zip(slides["slide_id"].astype(str), slides["n_tiles"], strict=True))
+    return pd.DataFrame(
+        {
+            "slide_id": [r.slide_id for r in records],
+            "label": [r.label or "" for r in records],
+            "split": [str(r.extra.get("split", "")) for r in records],
+            "n_tiles": [n_tiles.get(r.slide_id, np.nan) for r in records],
+        }
+    )
+
+
 def run_fewshot(
     slide_table: str | Path,
-    calls_path: str | Path,
+    calls_path: str | Path | None,
     settings: FewShotSettings,
     *,
     embedding_column: str = "embedding",
+    sheet: str | Path | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     """Few-shot vs zero-shot for one (model, prompt set): (per-draw results, summary, facts for the log).
 
     Held-out slides without a slide embedding are dropped from both sides (with a warning) so that both
-    numbers are always on the same slides.
+    numbers are always on the same slides. Without ``calls_path`` (a model without a text tower), the labelled
+    slides come from the cohort ``sheet`` (:func:`sheet_labels`), the classes are its labels, sorted, and the
+    summary has no zero-shot row (``facts["zeroshot_balanced_accuracy"]`` is None).
     """
-    calls = read_calls(calls_path)
-    classes = formats.called_classes(calls)
+    if calls_path is not None:
+        calls = read_calls(calls_path)
+        classes, source, what = formats.called_classes(calls), calls_path, "called classes"
+        frame, matrix = formats.read_slide_embeddings(slide_table, embedding_column)
+    elif sheet is not None:
+        frame, matrix = formats.read_slide_embeddings(slide_table, embedding_column)
+        calls = sheet_labels(sheet, frame)
+        classes, source, what = sorted(set(calls["label"]) - {""}), sheet, "labels in the sheet"
+    else:
+        raise ValueError("run_fewshot needs the zero-shot calls or the cohort sheet")
     if len(classes) < 2:
-        raise InputError(f"needs at least 2 called classes, found {classes}", where=str(calls_path))
-    frame, matrix = formats.read_slide_embeddings(slide_table, embedding_column)
+        raise InputError(f"needs at least 2 {what}, found {classes}", where=str(source))
     has_embedding = dict(zip(frame["slide_id"].astype(str), ~np.isnan(matrix).any(axis=1), strict=True))
     row_of = {s: i for i, s in enumerate(frame["slide_id"].astype(str))}
     unknown = sorted(set(calls["slide_id"]) - set(row_of))
     if unknown:
         raise InputError(
-            f"{len(unknown)} slide(s) of the calls are not in the slide table (first: {unknown[:5]})",
+            f"{len(unknown)} slide(s) of the {'calls' if calls_path is not None else 'sheet'} are not in the slide "
+            f"table (first: {unknown[:5]})",
             where=str(slide_table),
             fix="re-run the aggregation rule for the same cohort sheet",
         )
@@ -307,7 +350,7 @@ def run_fewshot(
     if test.empty:
         raise InputError(
             "no held-out slides: every labelled slide of a called class is in the train split or has no tiles",
-            where=str(calls_path),
+            where=str(source),
             fix="label some slides outside the train split (sheet columns label and split)",
         )
     split = calls["split"].astype(str).str.lower() if "split" in calls.columns else pd.Series("", index=calls.index)
@@ -319,7 +362,7 @@ def run_fewshot(
     if pool.empty:
         raise InputError(
             "no slides to draw shots from: none is labelled with a called class in the train split",
-            where=str(calls_path),
+            where=str(source),
             fix="mark the slides few-shot may learn from with split = train in the cohort sheet",
         )
     patient_of = dict(zip(frame["slide_id"].astype(str), frame["patient_id"].astype(str), strict=True))
@@ -336,7 +379,9 @@ def run_fewshot(
     results, notes = fewshot_curve(
         pool_x, pool["label"].to_numpy(), test_x, test["label"].tolist(), classes, settings, pool["slide_id"].tolist()
     )
-    zeroshot = _score(test["label"].tolist(), test["best"].tolist(), classes)["balanced_accuracy"]
+    zeroshot = None
+    if calls_path is not None:
+        zeroshot = _score(test["label"].tolist(), test["best"].tolist(), classes)["balanced_accuracy"]
     for note in notes.values():
         log.warning("%s", note)
     summary = summarise(results, zeroshot, len(test), notes)
@@ -354,9 +399,9 @@ def run_fewshot(
 def plot_fewshot(
     summary: pd.DataFrame, stem: str | Path, style: Any, *, chance: float | None = None, title: str | None = None
 ) -> list[Path]:
-    """Balanced accuracy against shots per class: median with the range over draws per method, zero-shot as a
-    horizontal line, ``chance`` (1 / classes, the balanced accuracy of any constant answer) dotted. Source
-    data: the summary rows plotted."""
+    """Balanced accuracy against shots per class: median with the range over draws per method, zero-shot (when
+    the summary has its row) as a horizontal line, ``chance`` (1 / classes, the balanced accuracy of any constant
+    answer) dotted. Source data: the summary rows plotted."""
     from histoclip.plots import class_colours, new_figure, save_figure
 
     figure = new_figure(style)
@@ -377,7 +422,8 @@ def plot_fewshot(
         if chance is not None:
             ax.axhline(chance, color="0.6", linestyle=":", linewidth=0.8, label="chance")
         if title is None and len(methods):
-            title = f"Few-shot vs zero-shot, {int(summary['n_test'].iloc[0])} held-out slides"
+            versus = " vs zero-shot" if len(zs) else ""
+            title = f"Few-shot{versus}, {int(summary['n_test'].iloc[0])} held-out slides"
         ax.set_xscale("log", base=2)
         ks = sorted(summary.loc[summary["method"].isin(methods), "k"].unique())
         if ks:

@@ -28,6 +28,7 @@ __all__ = [
     "shape_differences",
     "load_state_dict",
     "load_strict",
+    "read_checkpoint_shapes",
     "unsafe_checkpoint_error",
 ]
 
@@ -74,6 +75,22 @@ def checkpoint_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
             return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
     state = _torch_load(path, mmap=True)
     return {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+
+
+def read_checkpoint_shapes(spec: ModelSpec, path: str | Path, where: str | None = None) -> dict[str, tuple[int, ...]]:
+    """:func:`checkpoint_shapes` for the preflight of a model entry: a pickle with code, or a file that can't be
+    read as a state dict (truncated, empty, something else), is an :class:`InputError` saying so (``where``: the
+    entry's key at fault, default the entry)."""
+    try:
+        return checkpoint_shapes(path)
+    except pickle.UnpicklingError as exc:
+        raise unsafe_checkpoint_error(spec, str(path), exc) from exc
+    except Exception as exc:  # damaged, empty, not a state dict, or a shard an index names that is absent
+        raise InputError(
+            f"the weights file {path} of model {spec.name!r} cannot be read as a state dict: {exc}",
+            where=where or f"config models.{spec.name}",
+            fix="copy the file again (it may be truncated) or point the model at the right file",
+        ) from exc
 
 
 def _torch_load(path: Path, mmap: bool = False) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import json
-import pickle
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
@@ -28,12 +27,11 @@ from typing import TYPE_CHECKING, Any
 from histoclip.embedding.backends import Finding
 from histoclip.embedding.backends.checkpoints import (
     WEIGHT_SUFFIXES,
-    checkpoint_shapes,
     load_state_dict,
     load_strict,
     mismatch_error,
+    read_checkpoint_shapes,
     shape_differences,
-    unsafe_checkpoint_error,
 )
 from histoclip.errors import InputError
 
@@ -275,20 +273,9 @@ class ConchBackend:
                 return [("warning", warning)]
             return [("error", InputError(text, where=where, fix=fix))]
         try:
-            found = checkpoint_shapes(path)
-        except pickle.UnpicklingError as exc:
-            return [("error", unsafe_checkpoint_error(spec, str(path), exc))]
-        except Exception as exc:  # damaged, empty, or not a state dict at all
-            return [
-                (
-                    "error",
-                    InputError(
-                        f"the weights file {path} cannot be read as a checkpoint: {exc}",
-                        where=f"config models.{spec.name}.pretrained",
-                        fix="copy the file again (it may be truncated) or point the model at the right file",
-                    ),
-                )
-            ]
+            found = read_checkpoint_shapes(spec, path, where=f"config models.{spec.name}.pretrained")
+        except InputError as exc:
+            return [("error", exc)]
         differences = shape_differences(architecture_shapes(cfg, spec), found, _ignored(spec))
         return [("error", mismatch_error(spec, str(path), differences))] if differences else []
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +32,11 @@ from typing import TYPE_CHECKING, Any
 
 from histoclip.embedding.backends import Finding
 from histoclip.embedding.backends.checkpoints import (
-    checkpoint_shapes,
     load_state_dict,
     load_strict,
     mismatch_error,
+    read_checkpoint_shapes,
     shape_differences,
-    unsafe_checkpoint_error,
 )
 from histoclip.errors import InputError
 from histoclip.store import sha256_file
@@ -439,20 +437,9 @@ def _check_weights_fit(spec: ModelSpec, config: Mapping[str, Any], files: list[P
     found: dict[str, tuple[int, ...]] = {}
     for path in files:
         try:
-            found.update(checkpoint_shapes(path))
-        except pickle.UnpicklingError as exc:
-            return [("error", unsafe_checkpoint_error(spec, str(path), exc))]
-        except Exception as exc:  # damaged, empty, not a state dict, or a shard the index names that is absent
-            return [
-                (
-                    "error",
-                    InputError(
-                        f"the weights file {path} of model {spec.name!r} cannot be read as a state dict: {exc}",
-                        where=_where(spec),
-                        fix="copy the file again (it may be truncated) or point the model at the right folder",
-                    ),
-                )
-            ]
+            found.update(read_checkpoint_shapes(spec, path, where=_where(spec)))
+        except InputError as exc:
+            return [("error", exc)]
     try:
         expected = architecture_shapes(config)
     except Exception as exc:

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 from histoclip.embedding.backends import Finding
 from histoclip.embedding.backends.checkpoints import (
     WEIGHT_SUFFIXES,
-    checkpoint_shapes,
     mismatch_error,
+    read_checkpoint_shapes,
     shape_differences,
     unsafe_checkpoint_error,
 )
@@ -318,20 +318,9 @@ def fit_problems(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tu
 def _check_weights_fit(spec: ModelSpec, model_name: str, weights: Path) -> list[Finding]:
     """Read the checkpoint's names and shapes and compare them with the architecture's."""
     try:
-        found = checkpoint_shapes(weights)
-    except pickle.UnpicklingError as exc:
-        return [("error", unsafe_checkpoint_error(spec, str(weights), exc))]
-    except Exception as exc:  # damaged, empty, or not a checkpoint at all
-        return [
-            (
-                "error",
-                InputError(
-                    f"the weights file {weights} cannot be read as a checkpoint: {exc}",
-                    where=f"config models.{spec.name}",
-                    fix="copy the file again (it may be truncated) or point the model at the right file",
-                ),
-            )
-        ]
+        found = read_checkpoint_shapes(spec, weights)
+    except InputError as exc:
+        return [("error", exc)]
     if any(k.startswith("image_encoder.model.") for k in found):  # MobileCLIP: open_clip converts it on load
         return []
     try:

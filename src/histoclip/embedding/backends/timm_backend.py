@@ -19,7 +19,6 @@ models, so it is a named choice (:data:`POOLINGS`), recorded in every embedding 
 from __future__ import annotations
 
 import json
-import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 from histoclip.embedding.backends import Finding
 from histoclip.embedding.backends.checkpoints import (
-    checkpoint_shapes,
     load_state_dict,
     load_strict,
     mismatch_error,
+    read_checkpoint_shapes,
     shape_differences,
-    unsafe_checkpoint_error,
 )
 from histoclip.errors import InputError
 from histoclip.store import sha256_file
@@ -266,12 +264,9 @@ class TimmBackend:
         except InputError as exc:
             return [("error", exc)]
         try:
-            found = checkpoint_shapes(weights)
-        except pickle.UnpicklingError as exc:
-            return [("error", unsafe_checkpoint_error(spec, str(weights), exc))]
-        except Exception as exc:  # truncated, empty, or not a checkpoint
-            text = f"the weights file {weights} of model {spec.name!r} cannot be read as a checkpoint: {exc}"
-            return [("error", _error(spec, text, fix="copy the file again (it may be truncated)"))]
+            found = read_checkpoint_shapes(spec, weights)
+        except InputError as exc:
+            return [("error", exc)]
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         differences = shape_differences(expected, found)
         return [("error", _mismatch(spec, str(weights), differences))] if differences else []
