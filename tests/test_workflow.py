@@ -268,7 +268,7 @@ def test_demo_evidence_and_retrieval_find_the_true_tissue(demo_run):
     truth = [
         str(tile_classes(results / f"demo/class_maps/{t.slide_id}.png", t.x, t.y, 224)) for t in necrosis.itertuples()
     ]
-    assert np.mean([c == "necrosis" for c in truth]) >= 0.75  # measured 11/12; 18 % of demo tiles are necrosis
+    assert np.mean([c == "necrosis" for c in truth]) >= 0.75  # measured 12/12
     retrieval = json.loads((results / "retrieval/demo/slide_retrieval.json").read_text())
     assert retrieval["precision_at_k"]["5"] >= 0.8 > retrieval["chance"]["5"]  # measured 1.0 vs 0.48
 
@@ -311,9 +311,9 @@ def test_demo_tile_phenotypes_match_the_true_tissue_classes(demo_run):
             purity.append(counts.max() / counts.sum())
         predicted += assigned["phenotype"].tolist()
     truth, purity, predicted = np.array(truth), np.array(purity), np.array(predicted)
-    assert adjusted_rand_score(truth, predicted) >= 0.6  # majority class of mixed tiles: measured 0.63
+    assert adjusted_rand_score(truth, predicted) >= 0.6  # majority class of mixed tiles: measured 0.71-0.75 (seeds 0-2)
     pure = purity >= 0.9
-    assert adjusted_rand_score(truth[pure], predicted[pure]) >= 0.9  # measured 0.98
+    assert adjusted_rand_score(truth[pure], predicted[pure]) >= 0.9  # measured 0.95-1.0
     classes = pd.read_csv(results / "phenotypes/demo/class_composition.tsv", sep="\t")
     assert "necrosis" in classes.columns
     clustering = json.loads((results / "clusters/demo/clustering.json").read_text())
