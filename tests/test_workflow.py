@@ -311,7 +311,7 @@ def test_demo_tile_phenotypes_match_the_true_tissue_classes(demo_run):
             purity.append(counts.max() / counts.sum())
         predicted += assigned["phenotype"].tolist()
     truth, purity, predicted = np.array(truth), np.array(purity), np.array(predicted)
-    assert adjusted_rand_score(truth, predicted) >= 0.6  # majority class of mixed tiles: measured 0.71-0.75 (seeds 0-2)
+    assert adjusted_rand_score(truth, predicted) >= 0.6  # majority class of mixed tiles: measured 0.71-0.79 (seeds 0-5)
     pure = purity >= 0.9
     assert adjusted_rand_score(truth[pure], predicted[pure]) >= 0.9  # measured 0.95-1.0
     classes = pd.read_csv(results / "phenotypes/demo/class_composition.tsv", sep="\t")
