@@ -1,7 +1,7 @@
 """Benchmark: what a model backend costs beyond the model's own forward pass (run by hand; prints JSON).
 
 For each backend (open_clip, conch, hf-clip, timm) a tiny random-init model of its architecture is saved in its
-hub layout (benchmarks/tiny_models.py), loaded through histoclip (``ModelSpec.from_config`` + ``load_model``) and
+hub layout (benchmarks/backend_models.py), loaded through histoclip (``ModelSpec.from_config`` + ``load_model``) and
 timed on the same batch of uint8 tiles, in the same run, the calls interleaved:
 
 - (a) model-only: the reference package's own image forward (open_clip ``encode_image``, CONCH ``encode_image``,
@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from tiny_models import BUILDERS
+from backend_models import BUILDERS
 
 from histoclip.embedding.models import ModelSpec, load_model
 

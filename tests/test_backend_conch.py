@@ -18,9 +18,9 @@ import torch
 pytest.importorskip("conch.open_clip_custom", reason="the conch extra: pip install -e '.[conch]'")
 
 from conch.open_clip_custom import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, coca_model, custom_tokenizer
-from conch.open_clip_custom.factory import CFG_DIR
 from conch.open_clip_custom.transform import image_transform
 from PIL import Image
+from tiny_models import conch_tiny_config
 
 from histoclip.config import default_config, validate_config
 from histoclip.embedding.backends import backend_named
@@ -40,26 +40,14 @@ PROMPTS = [
 ]
 
 
-def tiny_config() -> dict:
-    """CONCH's own config with every width, depth and query count shrunk (vocabulary and 128-token context kept:
-    the tokenizer needs them; 448 px input kept: the released model's)."""
-    cfg = json.loads((CFG_DIR / "conch_ViT-B-16.json").read_text())
-    cfg.pop("custom_text")
-    cfg.update(embed_dim=32, embed_dim_caption=32)
-    cfg["vision_cfg"].update(layers=1, width=32, num_heads=2, n_queries_caption=4)
-    cfg["text_cfg"].update(width=32, heads=2, layers=1)
-    cfg["multimodal_cfg"].update(width=32, heads=2, layers=1)
-    return cfg
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(config JSON, pytorch_model.bin, the reference CoCa holding the same weights)."""
     folder = tmp_path_factory.mktemp("CONCH")
     config = folder / "conch_tiny.json"
-    config.write_text(json.dumps({**tiny_config(), "custom_text": True}))  # as the package's file has it
+    config.write_text(json.dumps({**conch_tiny_config(), "custom_text": True}))  # as the package's file has it
     torch.manual_seed(7)
-    reference = coca_model.CoCa(**tiny_config()).eval()
+    reference = coca_model.CoCa(**conch_tiny_config()).eval()
     with torch.no_grad():
         reference.logit_scale.fill_(2.5)  # not the init value: the logit scale must come from the checkpoint
     weights = folder / "pytorch_model.bin"
@@ -174,7 +162,7 @@ def test_image_size_override_resizes_the_position_embedding_as_the_package_does(
     config, weights, reference = tiny
     loaded = load_model(ModelSpec.from_config("small", entry(tiny, image_size=224)), "cpu")
     assert loaded.image_size == 224 and not BACKEND.check(loaded.spec)
-    cfg = tiny_config()
+    cfg = conch_tiny_config()
     cfg["vision_cfg"]["image_size"] = 224
     resized = coca_model.CoCa(**cfg).eval()
     state = dict(reference.state_dict())

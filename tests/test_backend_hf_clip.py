@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_models import hf_clip_folder
 
 from histoclip.embedding.backends import model_files
 from histoclip.embedding.backends.hf_clip_backend import BACKEND
@@ -28,35 +29,9 @@ SIZE = 64  # the tiny model's input size (crop_size); tiles are read at 224 px a
 PROMPTS = ["an H&E image of tumor tissue", "lymphocytes", "normal stroma with a few fibroblasts", ""]
 
 
-def tiny_clip_folder(folder: Path) -> Path:
-    """A CLIPModel folder as PLIP's hub repository ships it, made by transformers itself (tokenizer files from
-    open_clip's CLIP BPE, as /work/shared/RECIPES.md describes)."""
-    import open_clip
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
-
-    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
-    config = CLIPConfig(
-        text_config={**small, "max_position_embeddings": 77, "vocab_size": 49408},
-        vision_config={**small, "image_size": SIZE, "patch_size": 16},
-        projection_dim=24,
-    )
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(folder)
-    bpe = open_clip.tokenizer.SimpleTokenizer()
-    rename = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
-    vocab = {rename.get(token, token): index for token, index in bpe.encoder.items()}
-    merges = [pair for pair, _ in sorted(bpe.bpe_ranks.items(), key=lambda item: item[1])]
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(pair) for pair in merges) + "\n")
-    CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77).save_pretrained(folder)
-    size = {"shortest_edge": SIZE}
-    CLIPImageProcessor(size=size, crop_size={"height": SIZE, "width": SIZE}).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def plip(tmp_path_factory) -> Path:
-    return tiny_clip_folder(tmp_path_factory.mktemp("plip"))
+    return hf_clip_folder(tmp_path_factory.mktemp("plip"), SIZE)
 
 
 @pytest.fixture

@@ -14,49 +14,18 @@ import torch
 timm = pytest.importorskip("timm")
 from PIL import Image  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
+from tiny_models import H_OPTIMUS_MEAN, H_OPTIMUS_STD, timm_hub_folder  # noqa: E402
 
 from histoclip.embedding.backends import backend_named, model_files  # noqa: E402
 from histoclip.embedding.backends.timm_backend import POOLINGS  # noqa: E402
 from histoclip.embedding.models import ModelSpec, load_model  # noqa: E402
 from histoclip.errors import InputError  # noqa: E402
 
-#: H-optimus-0's normalisation (its own, not ImageNet's): the tiny test model ships it to show it is used.
-H_OPTIMUS_MEAN = [0.707223, 0.578729, 0.703617]
-H_OPTIMUS_STD = [0.211883, 0.230117, 0.177517]
 
-
-def hub_folder(
-    folder: Path, architecture: str = "vit_tiny_patch16_224", model_args: dict | None = None, seed: int = 0
-) -> Path:
+def hub_folder(folder: Path, architecture: str = "vit_tiny_patch16_224", model_args: dict | None = None) -> Path:
     """A random-init timm model saved as its hub repository ships it: config.json + model.safetensors."""
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    model = timm.create_model(architecture, pretrained=False, num_classes=0, **_layers(model_args or {}))
-    save_file(model.state_dict(), str(folder / "model.safetensors"))
-    config = {
-        "architecture": architecture,
-        "num_classes": 0,
-        "num_features": model.num_features,
-        "model_args": {"num_classes": 0, **(model_args or {})},
-        "pretrained_cfg": {
-            "input_size": [3, 224, 224],
-            "interpolation": "bicubic",
-            "crop_pct": 1.0,
-            "mean": H_OPTIMUS_MEAN,
-            "std": H_OPTIMUS_STD,
-            "num_classes": 0,
-        },
-    }
-    (folder / "config.json").write_text(json.dumps(config))
+    timm_hub_folder(folder, architecture, model_args)
     return folder
-
-
-def _layers(args: dict) -> dict:
-    """What a model card passes in code for the JSON-able names a histoclip entry uses."""
-    out = dict(args)
-    if out.get("mlp_layer") == "SwiGLUPacked":
-        out["mlp_layer"] = timm.layers.SwiGLUPacked
-    return out
 
 
 def spec_for(folder: Path | str, **entry) -> ModelSpec:
