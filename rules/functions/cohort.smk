@@ -55,7 +55,7 @@ def slide_cluster_inputs(wildcards):
     when the workflow has one, else the tile embeddings, averaged by the clustering job itself)."""
     if config["clustering"]["slide_features"] == "composition":
         return {"composition": f"results/phenotypes/{wildcards.model}/composition.tsv"}
-    if hasattr(rules, "aggregate"):  # absent where the workflow is used as a module without rules/aggregation.smk
+    if hasattr(rules, "aggregate"):  # absent where the workflow is used as a module without rules/cohort.smk
         return {"slide_embeddings": f"results/slides/{wildcards.model}.parquet"}
     return {"embeddings": embedding_manifest(wildcards)}
 
