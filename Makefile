@@ -7,6 +7,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CORES  ?= 2
+# The demo's settings; `make check CONFIG=my_cohort.yaml` checks a real cohort (a copy of config/config.yaml).
+DEMO   := --configfile config/demo.yaml
+CONFIG ?= config/demo.yaml
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export HF_HUB_OFFLINE ?= 1
 
@@ -21,15 +24,15 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/snakemake --cores $(CORES) demo_cohort
-	$(BIN)/snakemake --cores $(CORES)
+	$(BIN)/snakemake --cores $(CORES) demo_cohort $(DEMO)
+	$(BIN)/snakemake --cores $(CORES) $(DEMO)
 
 check: install
-	$(BIN)/snakemake --cores $(CORES) check
+	$(BIN)/snakemake --cores $(CORES) check --configfile $(CONFIG)
 
 lint: install
 	$(BIN)/ruff check src scripts tests benchmarks
-	$(BIN)/snakemake --lint
+	$(BIN)/snakemake --lint $(DEMO)
 
 test: lint
 	$(BIN)/python -m pytest

@@ -5,7 +5,11 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# config/config.yaml is the real-cohort starting point; files given with --configfile (config/demo.yaml for the
+# demo) replace it whole instead of merging into it, so no key of one cohort's settings leaks into another's.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 report: "config/report/workflow.rst"

@@ -60,8 +60,8 @@ def copy_workflow(dest: Path) -> Path:
 
 def dry_run(workdir: Path, sheet: Path, clinical: Path, *extra: str, targets=()) -> tuple[float, int, str]:
     """Seconds of `snakemake -n`, the number of jobs it planned, and its output."""
-    cmd = [sys.executable, "-m", "snakemake", *targets, "-n", "--cores", "2", "--config", f"slides={sheet}",
-           f"clinical={clinical}", *extra]  # fmt: skip
+    cmd = [sys.executable, "-m", "snakemake", *targets, "-n", "--cores", "2", "--configfile", "config/demo.yaml",
+           "--config", f"slides={sheet}", f"clinical={clinical}", *extra]  # fmt: skip
     start = time.perf_counter()
     result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     seconds = time.perf_counter() - start
@@ -92,7 +92,8 @@ def profile_run(workdir: Path, sheet: Path, clinical: Path, out: Path) -> str:
     """cProfile of one plain dry run, in this process; the top functions by cumulative time."""
     from snakemake.cli import main as snakemake_main
 
-    argv = ["snakemake", "-n", "--quiet", "--cores", "2", "--config", f"slides={sheet}", f"clinical={clinical}"]
+    argv = ["snakemake", "-n", "--quiet", "--cores", "2", "--configfile", "config/demo.yaml"]
+    argv += ["--config", f"slides={sheet}", f"clinical={clinical}"]
     old_argv, old_cwd = sys.argv, Path.cwd()
     sys.argv = argv
     os.chdir(workdir)

@@ -83,7 +83,7 @@ def main() -> None:
         serial = time.perf_counter() - start
         assert all(check.status == "ok" for check in checks), [c.problems for c in checks if c.status != "ok"][:3]
 
-        config = load_yaml(REPO / "config" / "config.yaml")
+        config = load_yaml(REPO / "config" / "demo.yaml")
         config.update(slides=str(sheet), clinical=None)
         config["embedding"] = {"models": ["tiny"]}
         config["zeroshot"] = {"prompt_sets": ["nsclc"]}

@@ -19,7 +19,11 @@ from snakemake_interface_executor_plugins.settings import ExecMode
 from histoclip.config import validate_config
 from histoclip.sheets import read_clinical_table, read_cohort_sheet
 
-config.update(validate_config(config, source="config (config/config.yaml + --config/--configfile)"))
+CONFIG_SOURCE = " + ".join(
+    [*map(str, workflow.overwrite_configfiles or ["config/config.yaml"])]
+    + (["--config"] if workflow.config_settings.overwrite_config else [])
+)
+config.update(validate_config(config, source=f"config ({CONFIG_SOURCE})"))
 
 DEMO_DIR = "results/demo"
 
@@ -37,8 +41,9 @@ def cohort():
     if config["slides"] == f"{DEMO_DIR}/slides.tsv" and not Path(config["slides"]).exists():
         raise FileNotFoundError(
             f"the demo cohort sheet {config['slides']} does not exist yet: generate the demo cohort first with "
-            "`snakemake --cores 2 demo_cohort` (`make demo` does both steps), or point the workflow at a cohort "
-            "with --config slides=PATH clinical=PATH"
+            "`snakemake --cores 2 --configfile config/demo.yaml demo_cohort` (`make demo` does both steps), or "
+            "point the workflow at a cohort: copy config/config.yaml, set `slides` and the model, and run with "
+            "--configfile YOUR_COPY"
         )
     # Slide files are checked by the Snakemake process that plans the run; each job (which re-parses this file:
     # 10,000 stat calls on a network file system are seconds) trusts that check.
@@ -73,6 +78,11 @@ def slide_patients(wildcards=None):
 
 def has_labels():
     return any(record.label for record in cohort().values())
+
+
+def has_train_split():
+    """Whether any slide is in the sheet's train split: few-shot draws its shots from those."""
+    return any(str(record.extra.get("split", "")).strip().lower() == "train" for record in cohort().values())
 
 
 def cohort_shards(size):
@@ -116,6 +126,50 @@ def image_only_note():
                 model,
                 config["models"][model].get("backend"),
             )
+
+
+def skipped_stages():
+    """(stage, why) for every stage the default target leaves out for want of an input, with what would add it."""
+    skipped = []
+    if not config["zeroshot"]["prompt_sets"]:
+        skipped.append(
+            (
+                "zero-shot calls, evidence heatmaps, prompt sensitivity, confusion/ROC figures and few-shot against "
+                "zero-shot",
+                "zeroshot.prompt_sets is empty (name a prompt set: config/prompts/*.yaml or your own file)",
+            )
+        )
+    if not config["retrieval"]["queries"]:
+        skipped.append(("text → tile retrieval galleries", "retrieval.queries is empty (add free-text queries)"))
+    if not config["clinical"]:
+        skipped.append(("survival (Cox models, Kaplan–Meier curves, c-index)", "no clinical table (set `clinical`)"))
+    if Path(config["slides"]).exists():
+        if not has_labels():
+            skipped.append(
+                (
+                    "confusion/ROC figures, prompt sensitivity and few-shot",
+                    f"the cohort sheet {config['slides']} has no `label` values to evaluate against (add a `label` "
+                    "column: the true class of each slide)",
+                )
+            )
+        elif not has_train_split():
+            skipped.append(
+                (
+                    "few-shot",
+                    f"no slide of {config['slides']} has split = train, the slides its shots are drawn from (add a "
+                    "`split` column: train / test)",
+                )
+            )
+    return skipped
+
+
+@functools.cache
+def skipped_stages_note():
+    """One log line per stage left out of the default target and why, once per planning run (not in every job)."""
+    if workflow.exec_mode != ExecMode.DEFAULT:
+        return
+    for stage, why in skipped_stages():
+        logging.getLogger("histoclip").warning("left out of the default target: %s: %s", stage, why)
 
 
 def prompt_set_names():
@@ -180,6 +234,7 @@ def wildcards_for(**values):
 
 def all_outputs(wildcards):
     image_only_note()
+    skipped_stages_note()
     return [
         "results/versions.tsv",
         "results/qc/cohort.tsv",

@@ -11,6 +11,7 @@ rule check:
         config=config,
         search_dirs=[".", workflow.basedir],
         results="results",
+        source=f"config ({CONFIG_SOURCE})",
     log:
         table="results/preflight.tsv",
         slides="results/preflight_slides.tsv",

@@ -23,6 +23,19 @@ from histoclip.demo import write_pyramid_tiff
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+#: The demo's settings, which the tests' own config files adjust. A --configfile replaces config/config.yaml (the
+#: real-cohort template) whole, so every run of a test names this file first.
+DEMO_CONFIG = "config/demo.yaml"
+
+
+def on_demo_config(args: Sequence[str]) -> list[str]:
+    """``args`` (of ``snakemake`` or ``histoclip check``) with config/demo.yaml as the first config file: put in
+    front of the test's own --configfile files (merged over it in order), or added when there are none."""
+    args = list(args)
+    if "--configfile" in args:
+        at = args.index("--configfile") + 1
+        return [*args[:at], DEMO_CONFIG, *args[at:]]
+    return [*args, "--configfile", DEMO_CONFIG]
 
 
 def textured_rgb(side: int = 1024, seed: int = 0) -> np.ndarray:
@@ -126,10 +139,12 @@ def copy_workflow(dest: Path, repo: Path = REPO) -> Path:
 
 
 def snakemake(
-    workdir: Path, *args: str, check: bool = True, cores: int = 2, timeout: float = 900
+    workdir: Path, *args: str, check: bool = True, cores: int = 2, timeout: float = 900, demo: bool = True
 ) -> subprocess.CompletedProcess:
+    """Run Snakemake in ``workdir``; on the demo's config (with the test's files over it) unless ``demo`` is False."""
+    argv = on_demo_config(args) if demo else list(args)
     result = subprocess.run(
-        [*SNAKEMAKE, *args, "--cores", str(cores)], cwd=workdir, capture_output=True, text=True, timeout=timeout
+        [*SNAKEMAKE, *argv, "--cores", str(cores)], cwd=workdir, capture_output=True, text=True, timeout=timeout
     )
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
@@ -143,7 +158,11 @@ def kill_when(
     ``ready()`` holds; True if it was killed, False if it finished first."""
     log = open(workdir / "killed-run.log", "ab")  # noqa: SIM115 - closed below, after the process
     process = subprocess.Popen(
-        [*SNAKEMAKE, *args, "--cores", str(cores)], cwd=workdir, stdout=log, stderr=log, start_new_session=True
+        [*SNAKEMAKE, *on_demo_config(args), "--cores", str(cores)],
+        cwd=workdir,
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
     )
     killed = False
     try:

@@ -11,7 +11,7 @@ from histoclip.errors import InputError
 
 
 def test_demo_config_is_valid_and_defaults_are_filled(repo):
-    config = validate_config(load_yaml(repo / "config" / "config.yaml"))
+    config = validate_config(load_yaml(repo / "config" / "demo.yaml"))
     assert config["tiling"] == {
         "target_mpp": 0.5,
         "tile_px": 224,
@@ -25,9 +25,26 @@ def test_demo_config_is_valid_and_defaults_are_filled(repo):
     assert config["on_slide_error"] == "fail"
 
 
+def test_the_real_cohort_template_names_the_key_to_fill_in_and_carries_nothing_of_the_demo(repo):
+    template = load_yaml(repo / "config" / "config.yaml")
+    with pytest.raises(InputError) as raised:
+        validate_config(template, source="config/config.yaml")
+    message = str(raised.value)
+    assert "config/config.yaml" in message and "models.main.model" in message and "is not set" in message
+    assert "hf-hub:" in message  # and what to put there
+    template["models"]["main"]["model"] = "hf-hub:wisdomik/QuiltNet-B-32"
+    config = validate_config(template)
+    assert config["training"] == {} and "demo" not in config["models"]
+    assert not any("demo" in str(config[key]) for key in ("slides", "clinical", "zeroshot", "retrieval", "survival"))
+    assert config["retrieval"]["queries"] == [] and config["zeroshot"]["prompt_sets"] == []
+    assert config["survival"]["multivariable"] == [] and config["clinical"] is None
+    assert config["on_slide_error"] == "record"
+
+
 def test_empty_config_gets_every_default():
     config = validate_config({})
-    assert config["slides"] == "results/demo/slides.tsv"
+    assert config["slides"] == "slides.tsv" and config["clinical"] is None
+    assert config["zeroshot"]["prompt_sets"] == [] and config["retrieval"]["queries"] == []
     assert config["tissue"]["mpp"] == 8.0
     assert config["tiling"]["tile_px"] == 224
 

@@ -190,10 +190,19 @@ def test_a_results_folder_that_cannot_be_written_is_an_error(tmp_path):
 def test_cli_merges_config_like_snakemake_and_exits_by_severity(tmp_path, slides, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "config").mkdir()
-    (tmp_path / "config" / "config.yaml").write_text("embedding:\n  models: []\nzeroshot:\n  prompt_sets: [nsclc]\n")
+    # config/config.yaml as the real-cohort template ships it: the model's weights left for the user to name
+    (tmp_path / "config" / "config.yaml").write_text("models:\n  main: {model: null}\nembedding: {models: [main]}\n")
     sheet = write_sheet(tmp_path / "s.tsv", [["a", "P1", slides / "a.tiff"]])
+    assert cli.main(["check", "--config", f"slides={sheet}", "clinical="]) == 1
+    table = pd.read_csv(tmp_path / "results/preflight.tsv", sep="\t", keep_default_na=False)
+    assert table.loc[0, "where"] == "models.main.model" and "is not set" in table.loc[0, "problem"]
+    assert "hf-hub:" in table.loc[0, "fix"] and "local-dir:" in table.loc[0, "fix"]
+    capsys.readouterr()
+    # a --configfile replaces config/config.yaml whole (as the Snakefile has Snakemake do): its unset model is gone;
+    # several files merge in order, --config last
+    (tmp_path / "base.yaml").write_text("embedding:\n  models: []\nzeroshot:\n  prompt_sets: [nsclc]\n")
     (tmp_path / "over.yaml").write_text(json.dumps({"tiling": {"tile_px": 112}}))
-    args = ["check", "--configfile", "over.yaml", "--config", f"slides={sheet}", "clinical="]
+    args = ["check", "--configfile", "base.yaml", "over.yaml", "--config", f"slides={sheet}", "clinical="]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "1 slide(s) checked" in out and "0 error(s)" in out

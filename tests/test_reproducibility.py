@@ -11,6 +11,7 @@ import sys
 from importlib import metadata
 
 import pytest
+from bad_slides import DEMO_CONFIG
 
 from histoclip.versions import installed_versions, write_versions_table
 
@@ -86,7 +87,7 @@ def test_rerun_with_no_change_does_nothing(repo, tmp_path):
 
     def snakemake(*args: str, configfiles=("tiny.yaml",)) -> str:
         result = subprocess.run(
-            [sys.executable, "-m", "snakemake", *args, "--cores", "2", "--configfile", *configfiles],
+            [sys.executable, "-m", "snakemake", *args, "--cores", "2", "--configfile", DEMO_CONFIG, *configfiles],
             cwd=tmp_path,
             capture_output=True,
             text=True,

@@ -143,7 +143,7 @@ def copy_workflow(dest: Path) -> Path:
 def snakemake(workdir: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "snakemake", *args, "--configfile", "small.yaml"],
+        [sys.executable, "-m", "snakemake", *args, "--configfile", "config/demo.yaml", "small.yaml"],
         cwd=workdir,
         capture_output=True,
         text=True,

@@ -450,7 +450,7 @@ def test_terms_groupings_and_config_are_checked() -> None:
         validate_config({"survival": {"multivariable": ["age"]}})
     with pytest.raises(InputError, match="duplicate"):
         plan(multivariable=["clinical:age", "clinical:age"])
-    demo = SurvivalPlan.from_config(validate_config(load_yaml(Path(__file__).parents[1] / "config" / "config.yaml")))
+    demo = SurvivalPlan.from_config(validate_config(load_yaml(Path(__file__).parents[1] / "config" / "demo.yaml")))
     assert [str(t) for t in demo.multivariable] == PIPELINE_TERMS
     assert required_sources(demo) == ["calls", "class_composition", "clusters"]
     assert required_sources(plan(multivariable=["clinical:age"])) == []

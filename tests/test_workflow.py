@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from bad_slides import on_demo_config
 from PIL import Image
 from sklearn.metrics import balanced_accuracy_score
 
@@ -47,7 +48,7 @@ def copy_workflow(repo: Path, dest: Path) -> Path:
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        [*SNAKEMAKE, *args, "--cores", "2"],
+        [*SNAKEMAKE, *on_demo_config(args), "--cores", "2"],
         cwd=workdir,
         capture_output=True,
         text=True,

@@ -56,8 +56,8 @@ def fewshot_settings(wildcards=None):
 
 def fewshot_outputs(wildcards=None):
     """Few-shot tables and figures per (model, prompt set), and per model without a text tower (labels from the
-    sheet, no zero-shot); only when the sheet has labels."""
-    if not Path(config["slides"]).exists() or not has_labels():
+    sheet, no zero-shot); only when the sheet has labels and a train split to draw shots from."""
+    if not Path(config["slides"]).exists() or not has_labels() or not has_train_split():
         return []
     stems = ["results/fewshot/{model}/{promptset}/summary.tsv"]
     stems.append("results/figures/fewshot/{model}/{promptset}/balanced_accuracy_vs_k.tsv")
@@ -120,7 +120,8 @@ def retrieval_outputs(wildcards=None):
     the models with a text tower."""
     if not Path(config["slides"]).exists():
         return []
-    return expand("results/retrieval/{model}/text_to_tiles.tsv", model=text_models()) + expand(
+    with_queries = text_models() if config["retrieval"]["queries"] else []
+    return expand("results/retrieval/{model}/text_to_tiles.tsv", model=with_queries) + expand(
         ["results/retrieval/{model}/slide_neighbours.tsv", "results/retrieval/{model}/slide_retrieval.json"],
         model=embedding_models(),
     )

@@ -11,7 +11,7 @@ with rule_log(snakemake.log.log, "histoclip.preflight") as log:
         search_dirs=snakemake.params.search_dirs,
         threads=snakemake.threads,
         results_dir=snakemake.params.results,
-        source="config (config/config.yaml + --config/--configfile)",
+        source=snakemake.params.source,
     )
     write_report(report, snakemake.log.table, snakemake.log.slides)
     text = describe(report, snakemake.log.table)

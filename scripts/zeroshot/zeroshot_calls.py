@@ -16,4 +16,11 @@ with rule_log(snakemake.log[0], "histoclip.zeroshot.classifier") as log:
         snakemake.output.tile_scores.rsplit("/", 1)[0],
         CallSettings.from_config(snakemake.params.settings),
     )
-    log.info("%d slides called, %d abstained", int((calls["call"] != "").sum()), int(calls["abstain"].sum()))
+    readable = calls["status"] == "ok"  # a failed slide or one without tiles is not an abstention: it was never called
+    log.info(
+        "%d slides called, %d abstained (margin below zeroshot.abstain_margin), %d not called: %s",
+        int((calls["call"] != "").sum()),
+        int((calls["abstain"] & readable).sum()),
+        int((~readable).sum()),
+        ", ".join(f"{n} {status}" for status, n in calls.loc[~readable, "status"].value_counts().items()) or "none",
+    )

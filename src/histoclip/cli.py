@@ -1,8 +1,9 @@
 """The ``histoclip`` command: ``histoclip check`` runs the preflight (histoclip.preflight) outside Snakemake.
 
-The config is put together the way Snakemake does it, so that the check sees exactly what a run would:
-``config/config.yaml`` of the working directory, then each ``--configfile`` merged over it, then
-``--config KEY=VALUE`` (parsed by Snakemake's own parser). Exit status: 0 when nothing would stop the run,
+The config is put together the way the Snakefile has Snakemake do it, so that the check sees exactly what a
+run would: the ``--configfile`` files merged in order, or ``config/config.yaml`` of the working directory when
+none is given (a config file replaces it whole), then ``--config KEY=VALUE`` (parsed by Snakemake's own
+parser). Exit status: 0 when nothing would stop the run,
 1 when the preflight found an error (after writing the table), 2 for a bad command line.
 """
 
@@ -23,12 +24,13 @@ WORKFLOW_DIR = SCHEMA_PATH.parents[2]
 
 
 def merged_config(configfiles: Sequence[str], entries: Sequence[str], base: str | Path | None) -> dict[str, Any]:
-    """``base`` (the Snakefile's configfile), then ``configfiles``, then ``--config`` entries, as Snakemake merges."""
+    """``configfiles`` (or ``base``, the Snakefile's configfile, when there are none), then ``--config`` entries."""
     from snakemake.cli import parse_config
     from snakemake.utils import update_config
 
     config: dict[str, Any] = {}
-    for path in ([base] if base is not None and Path(base).exists() else []) + list(configfiles):
+    files = list(configfiles) or ([base] if base is not None and Path(base).exists() else [])
+    for path in files:
         loaded = load_yaml(path) or {}
         if not isinstance(loaded, dict):
             raise InputError("is not a mapping of config keys", where=str(path), fix="see config/config.yaml")
@@ -47,7 +49,9 @@ def _parser() -> argparse.ArgumentParser:
         "prompt sets, the config and the model weights; write one line per problem. No GPU is used.",
     )
     check.add_argument("--directory", "-d", default=".", help="working directory of the run (default: .)")
-    check.add_argument("--configfile", nargs="+", default=[], help="config file(s) merged over config/config.yaml")
+    check.add_argument(
+        "--configfile", nargs="+", default=[], help="config file(s), merged in order; they replace config/config.yaml"
+    )
     check.add_argument("--config", nargs="+", default=[], metavar="KEY=VALUE", help="top-level config overrides")
     check.add_argument("--out", default="results/preflight.tsv", help="problem table (TSV)")
     check.add_argument("--slides-out", default="results/preflight_slides.tsv", help="per-slide table (TSV)")
@@ -59,7 +63,7 @@ def check(args: argparse.Namespace) -> int:
     from histoclip.preflight import describe, run_preflight, write_report
 
     os.chdir(args.directory)
-    source = " + ".join(["config/config.yaml", *args.configfile, *(["--config"] if args.config else [])])
+    source = " + ".join([*(args.configfile or ["config/config.yaml"]), *(["--config"] if args.config else [])])
     try:
         config = merged_config(args.configfile, args.config, "config/config.yaml")
     except (InputError, ValueError) as exc:

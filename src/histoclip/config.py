@@ -87,6 +87,7 @@ def validate_config(
     config = dict(config)
     if isinstance(config.get("clinical"), str) and config["clinical"].strip().lower() in ("", "null", "none"):
         config["clinical"] = None  # Snakemake passes `--config clinical=null` on as the string "null"
+    _require_models_set(config, source)
     filled = fill_defaults(config, schema)
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(filled), key=lambda e: list(map(str, e.absolute_path)))
@@ -113,6 +114,39 @@ def validate_config(
     if filled["mpp"]["min"] >= filled["mpp"]["max"]:
         raise InputError("mpp.min must be smaller than mpp.max", where=source, fix="swap or correct them")
     return filled
+
+
+def _require_models_set(config: Mapping[str, Any], source: str) -> None:
+    """A model entry left as config/config.yaml ships it (``model: null``) is named, with what to put there.
+
+    The real-cohort template leaves the weights to the user on purpose (nothing demo-specific in it); without
+    this, the schema would say "None is not of type 'string'", which does not tell a new user what is wanted.
+    """
+    models = config.get("models")
+    if not isinstance(models, Mapping):
+        return
+    unset = [
+        name
+        for name, entry in models.items()
+        if isinstance(entry, Mapping)
+        and entry.get("backend", "open_clip") != "conch"
+        and (entry.get("model") is None or str(entry.get("model")).strip() == "")
+    ]
+    if unset:
+        raise InputErrors(
+            "model weights not set",
+            [
+                InputError(
+                    "is not set: config/config.yaml leaves the model's weights for you to name",
+                    where=f"models.{name}.model",
+                    fix="name the model: hf-hub:org/repo (from the local Hugging Face cache, e.g. "
+                    "hf-hub:wisdomik/QuiltNet-B-32), local-dir:/path/to/open_clip/folder, or an architecture with "
+                    "`pretrained: /path/to/checkpoint` (README: 'Model backends and supported models')",
+                )
+                for name in unset
+            ],
+            where=source,
+        )
 
 
 def default_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
