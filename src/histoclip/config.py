@@ -130,7 +130,8 @@ def _require_models_set(config: Mapping[str, Any], source: str) -> None:
         for name, entry in models.items()
         if isinstance(entry, Mapping)
         and entry.get("backend", "open_clip") != "conch"
-        and (entry.get("model") is None or str(entry.get("model")).strip() == "")
+        and "model" in entry
+        and (entry["model"] is None or str(entry["model"]).strip() == "")
     ]
     if unset:
         raise InputErrors(
