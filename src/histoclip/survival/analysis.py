@@ -157,6 +157,7 @@ def run_survival(inputs: SurvivalInputs, plan: SurvivalPlan) -> SurvivalResult:
                 cox_table(fit, design, plan.multivariable, endpoint=endpoint.name, analysis="multivariable")
             )
             cindex += cindex_rows(subset, fit, design, plan.multivariable, endpoint=endpoint.name, settings=settings)
+        _say_patient_sets(fits, endpoint.name)
     km, logrank = _km_tables(plan, clinical, features, outcomes)
     return SurvivalResult(
         patients=patients,
@@ -167,6 +168,21 @@ def run_survival(inputs: SurvivalInputs, plan: SurvivalPlan) -> SurvivalResult:
         logrank=logrank,
         fits=fits,
     )
+
+
+def _say_patient_sets(fits: Mapping[str, CoxFit], endpoint: str) -> None:
+    """One warning when an endpoint's models were fitted on different numbers of patients (each model uses the
+    patients that have all its covariates), so that univariable and multivariable rows side by side — on one
+    forest plot — are not read as the same patients."""
+    models = {key.removeprefix(f"{endpoint}/"): fit for key, fit in fits.items() if key.startswith(f"{endpoint}/")}
+    if len({fit.n for fit in models.values()}) > 1:
+        sizes = [f"{key.replace('/', ' ')} n = {fit.n} ({fit.events} events)" for key, fit in models.items()]
+        log.warning(
+            "endpoint %s: the models use different patients (each uses those with all its covariates): %s; "
+            "the n and events columns of the Cox tables, and the forest plot, give each model's",
+            endpoint,
+            "; ".join(sizes),
+        )
 
 
 def _patient_table(
@@ -199,7 +215,7 @@ def _multivariable_fit(
             fix="check which covariates are missing for which patients (patients.tsv)",
         )
     fit = fit_cox(subset, columns, name=name, settings=plan.settings)
-    if fit.model is None:
+    if fit.model is None and not fit.refused:
         raise InputError(
             f"every covariate of the {name} model is constant over its {len(subset)} patients: "
             + "; ".join(f"{k} {v}" for k, v in fit.dropped.items()),
