@@ -273,7 +273,7 @@ def _cohort_problems(
             censored = "1" if endpoint.coding == "censorship" else "0"
             problems.append(
                 InputError(
-                    f"no events for {endpoint.describe()}: all {len(shared)} patients of the cohort are censored "
+                    f"no events: all {len(shared)} patients of the cohort are censored for {endpoint.describe()} "
                     f"({endpoint.event} = {censored} or empty), so no survival model can be fitted.",
                     where=f"clinical table {path}, column {endpoint.event!r}",
                     fix=f"check the event coding (survival.endpoints.{endpoint.name}.coding: event = 1 means the "
