@@ -73,7 +73,7 @@ class CoxFit:
 
 
 #: lifelines' ConvergenceWarnings that say the fit did not converge (others, e.g. low variance, are notes).
-_NOT_CONVERGED = re.compile(r"Newton-Raphson|separation|suspiciously close", re.IGNORECASE)
+_NOT_CONVERGED = re.compile(r"Newton-Raphson|suspiciously close", re.IGNORECASE)
 
 
 def _constant_note(values: pd.Series) -> str:

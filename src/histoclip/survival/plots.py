@@ -97,14 +97,17 @@ def _km_panel(
     ticks = [t for t in ax.get_xticks() if 0 <= t <= t_max * 1.02]
     if len(test) and math.isfinite(float(test["p"].iloc[0])):
         row = test.iloc[0]
-        result = f"log-rank p = {_p_text(float(row['p']))} (χ² = {float(row['test_statistic']):.2f}, "
+        p_text = _p_text(float(row["p"]))
+        result = f"log-rank p {p_text if p_text.startswith('<') else '= ' + p_text} "
+        result += f"(χ² = {float(row['test_statistic']):.2f}, "
         result += f"df = {int(row['df'])})"
     else:
         result = "log-rank test: n/a (one group)"
-    if len(test):
-        result += f"; {_count_text(int(test['n'].iloc[0]), int(test['events'].iloc[0]))}"
     grouping = str(subset["grouping"].iloc[0]) if len(subset) else ""
-    ax.set_title(f"{title or endpoint.upper()} by {grouping}: {result}" if title or grouping else result)
+    heading = f"{title or endpoint.upper()} by {grouping}: {result}" if title or grouping else result
+    if len(test):  # the patients behind the curves (those with a group and this endpoint's time and event)
+        heading += f"\n{_count_text(int(test['n'].iloc[0]), int(test['events'].iloc[0]))}"
+    ax.set_title(heading)
     return np.asarray(ticks, dtype=float)
 
 
@@ -199,6 +202,8 @@ def _not_fitted_text(row: pd.Series) -> str:
     """Why a row has no estimate, short enough for the plot (the Cox table's note has it in full)."""
     note = str(row.get("note", "") or "")
     counts = _count_text(int(row["n"]), int(row["events"]))
+    if note.startswith(("constant", "no values")):  # dropped from its model, fitted or not
+        return f"dropped: {note.split(';')[0]} ({counts})"
     if "did not converge" in note:
         return f"not fitted: did not converge ({counts})"
     minimum = re.search(r"min_events_per_covariate = ([0-9.eg+-]+)", note)
@@ -266,6 +271,7 @@ def _forest_panel(
                     va="center",
                     fontsize=style.font_size - 1.5,
                     color="#777777",
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5},
                 )
             plotted.append(
                 {
