@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
-from histoclip.config import default_config
+from histoclip.config import default_config, validate_config
 from histoclip.errors import InputError
 from histoclip.survival.analysis import SurvivalInputs, run_survival
 from histoclip.survival.cli import main
@@ -129,8 +130,8 @@ def test_cohort_checks_name_the_endpoint_and_its_coding(tmp_path: Path) -> None:
     with pytest.raises(InputError) as err:
         read_clinical_table(table, ["P1", "P2"], layout=layout)
     message = str(err.value)
-    assert "no events: all 2 patients of the cohort are censored for endpoint 'os' (time 'months', event 'censored', "
-    "1 = censored)" in message
+    expected = "no events: all 2 patients of the cohort are censored for endpoint 'os' (time 'months', event "
+    assert expected + "'censored', 1 = censored)" in message
     assert "censored = 1 or empty" in message and "column 'censored'" in message
     with pytest.raises(InputError) as err:
         read_clinical_table(table, ["TCGA-01"], layout=layout)
@@ -172,6 +173,23 @@ def test_csv_and_tsv_give_the_same_table(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------- real TCGA/SurvPath CSVs
+
+
+@pytest.mark.shared_data
+def test_the_readme_config_for_a_tcga_csv_works(shared_data: Path, repo: Path) -> None:
+    """The README's example (the YAML block after "Clinical tables as they come") validates and reads the real
+    SurvPath CSV with its three endpoints."""
+    readme = (repo / "README.md").read_text()
+    section = readme[readme.index("**Clinical tables as they come.**") :]
+    block = section[section.index("```yaml") + len("```yaml") : section.index("```", section.index("```yaml") + 7)]
+    config = yaml.safe_load(block)
+    assert config["clinical"].endswith(".csv")
+    layout = ClinicalLayout.from_config(validate_config({"survival": config["survival"]}))
+    table = read_clinical_table(shared_data / "clinical" / "survpath-tcga_hnsc.csv", layout=layout).table
+    raw = pd.read_csv(shared_data / "clinical" / "survpath-tcga_hnsc.csv").drop_duplicates("case_id")
+    for endpoint in layout.endpoints:
+        events = endpoint_frame(table, endpoint)["event"]
+        assert events.sum() == (1 - raw[endpoint.event]).sum() > 0
 
 
 @pytest.mark.shared_data
