@@ -17,7 +17,8 @@ sys.path.append(str(Path(workflow.basedir) / "scripts"))
 from snakemake_interface_executor_plugins.settings import ExecMode
 
 from histoclip.config import validate_config
-from histoclip.sheets import read_clinical_table, read_cohort_sheet
+from histoclip.sheets import read_cohort_sheet
+from histoclip.survival.clinical import ClinicalLayout, read_clinical_table
 
 CONFIG_SOURCE = " + ".join(
     [*map(str, workflow.overwrite_configfiles or ["config/config.yaml"])]
@@ -49,7 +50,9 @@ def cohort():
     # 10,000 stat calls on a network file system are seconds) trusts that check.
     records = read_cohort_sheet(config["slides"], check_files=workflow.exec_mode == ExecMode.DEFAULT)
     if config["clinical"]:
-        clinical = read_clinical_table(config["clinical"], [r.patient_id for r in records])
+        clinical = read_clinical_table(
+            config["clinical"], [r.patient_id for r in records], layout=ClinicalLayout.from_config(config)
+        )
         if clinical.missing_patients:
             logging.getLogger("histoclip").warning(
                 "%d patient(s) in %s have no row in %s and will be left out of survival analyses: %s",

@@ -15,7 +15,7 @@ owned, and not repeated here:
 | slide-undecodable-tiles | test_undecodable_tiles_fail_the_embedding_job_and_keep_other_slides (below, Snakemake) |
 | slide-truncated, slide-no-tissue | this file (run_tiling tests below) |
 | sheet-* (but case collision) | test_sheets; sheet-case-collision below |
-| clinical-negative-time, clinical-bad-event | test_sheets::test_bad_clinical_rows |
+| clinical-negative-time, clinical-bad-event | test_survival_clinical::test_bad_clinical_rows |
 | clinical-no-events, clinical-no-shared-ids | this file (read_clinical_table, as the Snakefile calls it) |
 | prompts-* | test_prompts::test_bad_files_name_file_and_culprit |
 | config-unknown-key, config-wrong-type | test_config, test_workflow::test_unknown_config_key_is_rejected |
@@ -51,8 +51,9 @@ from conftest import require_shared_data
 
 from histoclip import cli
 from histoclip.errors import InputError, SlideError
-from histoclip.sheets import read_clinical_table, read_cohort_sheet
+from histoclip.sheets import read_cohort_sheet
 from histoclip.store import read_metadata
+from histoclip.survival.clinical import read_clinical_table
 from histoclip.tiling.grid import run_tiling
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from histoclip.errors import InputError
-from histoclip.sheets import read_clinical_table, read_cohort_sheet
+from histoclip.sheets import read_cohort_sheet
 
 
 def write(path: Path, rows: list[list[str]], sep: str = "\t") -> Path:
@@ -111,54 +111,6 @@ def test_empty_and_missing_sheets(tmp_path):
         read_cohort_sheet(tmp_path / "header.tsv")
     with pytest.raises(InputError, match="not found"):
         read_cohort_sheet(tmp_path / "absent.tsv")
-
-
-def test_clinical_table_types_and_missing_patients(tmp_path):
-    table = write(
-        tmp_path / "clinical.tsv",
-        [
-            ["patient_id", "time", "event", "age", "stage"],
-            ["P1", "12.5", "1", "61", "II"],
-            ["P2", "30", "0", "70", "I"],
-        ],
-    )
-    clinical = read_clinical_table(table, ["P1", "P2", "P3", "P9"])
-    assert clinical.missing_patients == ["P3", "P9"]
-    assert clinical.table["time"].tolist() == [12.5, 30.0]
-    assert clinical.table["event"].tolist() == [1, 0]
-    assert clinical.table["age"].dtype.kind in "if"
-    assert clinical.table["stage"].tolist() == ["II", "I"]
-
-
-@pytest.mark.parametrize(
-    ("row", "expected"),
-    [
-        (["P1", "-3", "1"], ["line 2", "'time'", "'-3'", "P1"]),
-        (["P1", "soon", "1"], ["line 2", "'time'"]),
-        (["P1", "3", "2"], ["line 2", "'event'", "'2'", "0 or 1"]),
-        (["P1", "3", "yes"], ["line 2", "'event'", "censored"]),
-    ],
-)
-def test_bad_clinical_rows(tmp_path, row, expected):
-    table = write(tmp_path / "clinical.tsv", [["patient_id", "time", "event"], row])
-    with pytest.raises(InputError) as err:
-        read_clinical_table(table)
-    for part in expected:
-        assert part in str(err.value)
-
-
-def test_duplicate_clinical_patient(tmp_path):
-    table = write(tmp_path / "c.tsv", [["patient_id", "time", "event"], ["P1", "1", "0"], ["P1", "2", "1"]])
-    with pytest.raises(InputError, match="duplicate patient 'P1'"):
-        read_clinical_table(table)
-
-
-@pytest.mark.shared_data
-def test_real_tcga_table_needs_event_column(shared_data):
-    # SurvPath's tables use `censorship` (1 = censored): our contract asks for an explicit `event` column.
-    with pytest.raises(InputError, match=r"missing required column\(s\) \['patient_id', 'time', 'event'\]") as err:
-        read_clinical_table(shared_data / "clinical" / "survpath-tcga_hnsc.csv")
-    assert "event = 1 - censorship" in str(err.value)
 
 
 def test_jobs_can_skip_the_slide_file_check_and_nothing_else(slide_files):

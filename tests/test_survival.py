@@ -355,18 +355,20 @@ def test_cindex_table_compares_clinical_and_slide_terms(pipeline_result) -> None
 
 
 def test_censorship_can_not_be_read_as_event() -> None:
-    with pytest.raises(InputError, match="event_value: 0"):
+    with pytest.raises(InputError, match="set coding: censorship"):
         Endpoint.from_config("os", {"event": "censorship"})
     with pytest.raises(InputError, match="every censored patient as an event"):
-        Endpoint.from_config("os", {"event": "event", "event_value": 0})
-    with pytest.raises(InputError, match="event_value"):
-        validate_config({"survival": {"endpoints": {"os": {"event_value": 2}}}})
+        Endpoint.from_config("os", {"event": "event", "coding": "censorship"})
+    with pytest.raises(InputError, match="coding"):
+        validate_config({"survival": {"endpoints": {"os": {"coding": "dead"}}}})
+    with pytest.raises(InputError, match="event_value"):  # the old key is gone: the schema names it
+        validate_config({"survival": {"endpoints": {"os": {"event_value": 0}}}})
 
 
-def test_censorship_column_with_event_value_0_flips_it() -> None:
+def test_censorship_column_coded_censorship_flips_it() -> None:
     clinical = pd.DataFrame({"t": [1.0, 2.0, 3.0, ""], "censorship_dss": [1, 0, 0, 1]}, index=["a", "b", "c", "d"])
     frame = endpoint_frame(
-        clinical, Endpoint.from_config("dss", {"time": "t", "event": "censorship_dss", "event_value": 0})
+        clinical, Endpoint.from_config("dss", {"time": "t", "event": "censorship_dss", "coding": "censorship"})
     )
     assert frame["event"].to_dict() == {"a": 0, "b": 1, "c": 1}  # d has no time: left out
 
@@ -419,11 +421,15 @@ def test_convergence_failure_names_the_model_and_suggests_a_penalizer(cohort: di
 
 
 def test_few_events_per_covariate_warns(cohort: dict, caplog: pytest.LogCaptureFixture) -> None:
-    small = cohort["clinical"].iloc[:12]
-    assert small["event"].sum() < 20  # fewer than 10 per covariate
-    data = small.set_index("patient_id").assign(x=np.arange(12.0), y=np.arange(12.0) ** 0.5)
+    small = cohort["clinical"].iloc[:16]
+    events = int(small["event"].sum())
+    assert 10 <= events < 20  # 5 to 10 events per covariate for two covariates: fitted, with a warning
+    rng = np.random.default_rng(0)
+    data = small.set_index("patient_id").assign(x=rng.normal(size=16), y=rng.normal(size=16))
     with caplog.at_level(logging.WARNING, logger="histoclip"):
-        fit_cox(data, ["x", "y"], name="tiny", settings=survival_settings())
+        fit = fit_cox(data, ["x", "y"], name="tiny", settings=survival_settings())
+    assert fit.fitted and fit.events_per_covariate == events / 2
+    assert "few events" in fit.model_note and "warn_events_per_covariate = 10" in fit.model_note
     assert any("tiny" in r.getMessage() and "per covariate" in r.getMessage() for r in caplog.records)
 
 
@@ -550,8 +556,8 @@ def test_tcga_tables_convert_and_match_lifelines(shared_data: Path, tmp_path: Pa
     endpoints = {
         "os": {},
         "dss": {"time": "time_dss", "event": "event_dss"},
-        # an unconverted censorship column read the documented way: event_value 0
-        "pfi": {"time": "survival_months_pfi", "event": "censorship_pfi", "event_value": 0},
+        # an unconverted censorship column read the documented way: coding censorship
+        "pfi": {"time": "survival_months_pfi", "event": "censorship_pfi", "coding": "censorship"},
     }
     groupings = ["clinical:is_female", "clinical:oncotree_code"] if name == "coadread" else ["clinical:is_female"]
     result = run_survival(
@@ -590,9 +596,17 @@ def test_tcga_tables_convert_and_match_lifelines(shared_data: Path, tmp_path: Pa
 
 
 @pytest.mark.shared_data
-def test_raw_survpath_table_is_refused_with_the_conversion_hint(shared_data: Path) -> None:
-    with pytest.raises(InputError, match="1 - censorship"):
+def test_raw_survpath_table_with_the_default_columns_is_refused_with_both_routes(shared_data: Path) -> None:
+    with pytest.raises(InputError) as err:
         run_survival(SurvivalInputs(clinical=shared_data / "clinical" / "survpath-tcga_hnsc.csv"), plan())
+    message = str(err.value)
+    assert "missing required column(s) ['patient_id', 'time', 'event']" in message
+    assert "'time' (survival.endpoints.os.time)" in message
+    assert (
+        "survival: {patient_column: case_id, endpoints: {os: {time: survival_months, event: censorship, "
+        "coding: censorship}}} (event = 1 - censorship)" in message
+    )
+    assert "from-censorship" in message
 
 
 @pytest.mark.shared_data
@@ -665,9 +679,14 @@ def test_slide_aggregation_is_linear_in_slides(tmp_path: Path) -> None:
     assert elapsed < 10, f"aggregating {n} slides took {elapsed:.1f} s"
 
 
-def test_separation_is_flagged_as_a_convergence_problem(caplog: pytest.LogCaptureFixture) -> None:
+def test_separation_is_not_reported_as_a_fit(caplog: pytest.LogCaptureFixture) -> None:
+    """20 events, one covariate that puts every early death on one side: the likelihood has no maximum (the
+    coefficient runs to infinity); lifelines warns and returns a number, which is not reported."""
     data = pd.DataFrame({"time": np.arange(1.0, 21.0), "event": 1, "early": (np.arange(20) < 10) * 1.0})
     with caplog.at_level(logging.WARNING, logger="histoclip"):
-        fit = fit_cox(data, ["early"], name="separated", settings=survival_settings(min_events_per_covariate=0))
-    assert "penalizer" in fit.model_note
+        fit = fit_cox(data, ["early"], name="separated", settings=survival_settings())
+    assert not fit.fitted and fit.refused.startswith("not fitted: did not converge")
+    assert "survival.penalizer" in fit.refused
     assert any("separated" in r.getMessage() and "penalizer" in r.getMessage() for r in caplog.records)
+    penalised = fit_cox(data, ["early"], name="separated", settings=survival_settings(penalizer=0.1))
+    assert penalised.fitted and np.isfinite(penalised.model.params_["early"])

@@ -26,6 +26,9 @@ with rule_log(snakemake.log[0], "histoclip.survival.analysis") as log:
         logrank=dict(zip(plan.groupings, snakemake.output.logrank, strict=True)),
     )
     for row in result.cindex.itertuples():
+        if row.note and row.c_index != row.c_index:  # NaN: not computed, and the note says why
+            log.info("%s, %s: %s", row.endpoint, row.model, row.note)
+            continue
         log.info(
             "%s, %s: cross-validated c-index %.3f (%.3f-%.3f), apparent %.3f",
             row.endpoint,

@@ -1,4 +1,4 @@
-"""The cohort sheet and the clinical table.
+"""The cohort sheet, and the table reader it shares with the clinical table (histoclip.survival.clinical).
 
 Both are read as text first and checked cell by cell, so that an error can name the file, the line and the
 column, and say how to fix it. The checks here are the cheap ones (syntax, uniqueness, that files exist);
@@ -22,7 +22,6 @@ from histoclip.errors import InputError, InputErrors
 #: Slide ids become file names and Snakemake wildcards: nothing that could escape a folder or a shell.
 SAFE_ID = re.compile(r"^[A-Za-z0-9._-]+$")
 SHEET_COLUMNS = ("slide_id", "patient_id", "path")
-CLINICAL_COLUMNS = ("patient_id", "time", "event")
 
 
 @dataclass(frozen=True)
@@ -66,8 +65,6 @@ def read_table(path: str | Path, *, kind: str, required: tuple[str, ...]) -> pd.
                 f"the file looks {'comma' if other == ',' else 'tab'}-separated; save it as "
                 f"{'TSV (tab-separated)' if sep == chr(9) else 'CSV'} or change its extension"
             )
-        if "event" in missing and any(c.startswith("censorship") for c in table.columns):
-            hint += "; a 'censorship' column (1 = censored, CLAM/SurvPath style) converts as event = 1 - censorship"
         raise InputError(
             f"missing required column(s) {missing}; found {list(table.columns)}", where=f"{kind} {path}", fix=hint
         )
@@ -197,112 +194,3 @@ def read_cohort_sheet(path: str | Path, *, check_files: bool = True) -> list[Sli
     if problems:
         raise InputErrors(f"{len(problems)} problem(s) in the cohort sheet", problems)
     return records
-
-
-@dataclass(frozen=True)
-class ClinicalTable:
-    table: pd.DataFrame
-    #: Patients in the cohort sheet without a clinical row (a warning, not an error).
-    missing_patients: list[str]
-
-
-def read_clinical_table(path: str | Path, patients: list[str] | None = None) -> ClinicalTable:
-    """Read and validate the clinical table: ``time`` ≥ 0 numeric, ``event`` in {0, 1}, one row per patient.
-
-    With ``patients`` (the cohort sheet's), the table must share patient ids with the sheet and record at least
-    one event among them: otherwise no survival model can be fitted, and the usual cause is a mismatch of id
-    formats or an inverted event coding, which is better said before the run than after it.
-    Covariate columns are converted to numbers where every value is numeric, and left as text otherwise.
-    """
-    path = Path(path)
-    table = read_table(path, kind="clinical table", required=CLINICAL_COLUMNS)
-    problems: list[InputError] = []
-    seen: dict[str, int] = {}
-    for line, row, where in _rows(path, table):
-        problems.extend(_clinical_row_problems(row, line, where, seen))
-    if not problems and patients is not None:
-        problems.extend(_cohort_problems(table, patients, sorted(seen), path))
-    if problems:
-        raise InputErrors(f"{len(problems)} problem(s) in the clinical table", problems)
-    out = table.copy()
-    out["time"] = out["time"].astype(float)
-    out["event"] = out["event"].astype(int)
-    for column in out.columns:
-        if column in CLINICAL_COLUMNS:
-            continue
-        converted = pd.to_numeric(out[column], errors="coerce")
-        if converted.notna().all():
-            out[column] = converted
-    missing = sorted(set(patients or []) - set(out["patient_id"]))
-    return ClinicalTable(out, missing)
-
-
-def _clinical_row_problems(
-    row: dict[str, Any], line: int, where: Callable[[str], str], seen: dict[str, int]
-) -> list[InputError]:
-    """What is wrong with one clinical row: its patient id (empty, or in ``seen``, which then takes it), its time,
-    its event coding."""
-    problems = []
-    pid = row["patient_id"]
-    if not pid:
-        problems.append(InputError("empty patient id.", where=where("patient_id"), fix="fill it in."))
-    elif pid in seen:
-        problems.append(
-            InputError(
-                f"duplicate patient {pid!r} (first on line {seen[pid]}).",
-                where=where("patient_id"),
-                fix="one row per patient.",
-            )
-        )
-    else:
-        seen[pid] = line
-    try:
-        time = float(row["time"])
-    except ValueError:
-        time = math.nan
-    if not math.isfinite(time) or time < 0:
-        problems.append(
-            InputError(
-                f"{row['time']!r} for patient {pid!r} is not a time ≥ 0.",
-                where=where("time"),
-                fix="give the follow-up time as a non-negative number.",
-            )
-        )
-    if row["event"] not in ("0", "1"):
-        problems.append(
-            InputError(
-                f"{row['event']!r} for patient {pid!r} is not 0 or 1.",
-                where=where("event"),
-                fix="use 1 = event observed, 0 = censored (note: a 'censorship' column is the opposite).",
-            )
-        )
-    return problems
-
-
-def _cohort_problems(table: pd.DataFrame, patients: list[str], ids: list[str], path: Path) -> list[InputError]:
-    """Why no survival model could be fitted on the cohort's patients: none of them in the table (``ids``, its
-    patient ids, sorted, name a few), or no event among them."""
-    cohort = set(patients)
-    shared = cohort & set(table["patient_id"])
-    if cohort and not shared:
-        return [
-            InputError(
-                f"none of the {len(cohort)} patients of the cohort sheet has a row here (sheet ids such as "
-                f"{sorted(cohort)[:3]}; table ids such as {ids[:3]}).",
-                where=f"clinical table {path}, column 'patient_id'",
-                fix="use the same patient ids in the sheet and the table (e.g. TCGA case ids 'TCGA-XX-XXXX', "
-                "not slide barcodes), or set clinical: null to run without survival analyses.",
-            )
-        ]
-    if shared and not (table.loc[table["patient_id"].isin(shared), "event"] == "1").any():
-        return [
-            InputError(
-                f"no events: all {len(shared)} patients of the cohort are censored (event = 0), so no survival "
-                "model can be fitted.",
-                where=f"clinical table {path}, column 'event'",
-                fix="check the event coding (1 = event observed, 0 = censored; a CLAM/SurvPath 'censorship' "
-                "column is the opposite: event = 1 - censorship), or set clinical: null to run without "
-                "survival analyses.",
-            )
-        ]
-    return []

@@ -41,6 +41,7 @@ from histoclip.preflight.problems import COLUMNS, SEVERITIES, SUBJECTS, Problem,
 from histoclip.preflight.report import PreflightReport, describe, write_report
 from histoclip.preflight.slides import SLIDE_COLUMNS, SlideCheck, SlideSettings, check_slide, check_slides
 from histoclip.sheets import SlideRecord
+from histoclip.survival.clinical import ClinicalLayout
 
 __all__ = [
     "COLUMNS",
@@ -105,7 +106,12 @@ def run_preflight(
             problems += sheet_problems
     clinical = config.get("clinical")
     if isinstance(clinical, str):
-        problems += guarded("clinical", check_clinical, clinical, records) or []
+        try:  # the survival config names the clinical table's columns (and their coding is checked here)
+            layout = ClinicalLayout.from_config(config)
+        except InputError as exc:
+            problems += problems_from(exc, "config")
+        else:
+            problems += guarded("clinical", check_clinical, clinical, records, layout) or []
     prompt_sets = (config.get("zeroshot") or {}).get("prompt_sets") or []
     problems += guarded("prompts", check_prompts, list(prompt_sets), records, search_dirs) or []
     models = config.get("models") or {}

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from histoclip.errors import InputError
 from histoclip.preflight.problems import Problem, problems_from
-from histoclip.sheets import SlideRecord, check_cohort_sheet, read_clinical_table
+from histoclip.sheets import SlideRecord, check_cohort_sheet
+from histoclip.survival.clinical import ClinicalLayout, read_clinical_table
 
 #: Free space below this in the results folder is worth a warning.
 LOW_DISK_BYTES = 2 * 2**30
@@ -39,11 +40,14 @@ def check_sheet(path: str | Path) -> tuple[list[SlideRecord], list[Problem]]:
     return records, problems
 
 
-def check_clinical(path: str | Path, records: Sequence[SlideRecord]) -> list[Problem]:
-    """Rows of the clinical table, ids shared with the sheet, events; one warning per patient without a row."""
+def check_clinical(
+    path: str | Path, records: Sequence[SlideRecord], layout: ClinicalLayout | None = None
+) -> list[Problem]:
+    """Rows of the clinical table (its columns as ``layout`` names them: the config's survival.patient_column and
+    endpoints), ids shared with the sheet, events; one warning per patient without a row."""
     patients = list(dict.fromkeys(record.patient_id for record in records))
     try:
-        clinical = read_clinical_table(path, patients if records else None)
+        clinical = read_clinical_table(path, patients if records else None, layout=layout)
     except InputError as exc:
         return problems_from(exc, "clinical")
     problems = []

@@ -21,6 +21,7 @@ import pandas as pd
 from histoclip.errors import InputError
 from histoclip.survival.cells import id_list
 from histoclip.survival.cindex import CINDEX_COLUMNS, cindex_rows
+from histoclip.survival.clinical import read_clinical_table
 from histoclip.survival.cox import COX_COLUMNS, CoxFit, cox_table, fit_cox
 from histoclip.survival.endpoints import endpoint_frame
 from histoclip.survival.groupings import group_labels, parse_grouping
@@ -59,13 +60,11 @@ class SurvivalResult:
     fits: dict[str, CoxFit] = field(default_factory=dict)
 
 
-def _clinical_patients(inputs: SurvivalInputs) -> pd.DataFrame:
-    from histoclip.sheets import read_clinical_table
-
+def _clinical_patients(inputs: SurvivalInputs, plan: SurvivalPlan) -> pd.DataFrame:
     sheet_patients = sorted(set(inputs.slide_patients.values())) if inputs.slide_patients is not None else None
-    table = read_clinical_table(inputs.clinical, sheet_patients)
-    clinical = table.table.set_index("patient_id", drop=False)
-    clinical.index.name = "patient_id"
+    table = read_clinical_table(inputs.clinical, sheet_patients, layout=plan.layout)
+    clinical = table.table
+    _check_slide_level(plan, table.slide_level_columns, inputs.clinical)
     if table.missing_patients:
         log.warning(
             "%d patient(s) of the cohort sheet have no row in the clinical table %s and are left out of the "
@@ -86,6 +85,21 @@ def _clinical_patients(inputs: SurvivalInputs) -> pd.DataFrame:
     return clinical
 
 
+def _check_slide_level(plan: SurvivalPlan, slide_level: Sequence[str], path: str | Path) -> None:
+    """A clinical term or grouping must not read a column the reader dropped because it differs between a
+    patient's rows: say that, rather than "no such column"."""
+    named = [str(t) for t in (*plan.multivariable, *plan.univariable) if t.source == "clinical"]
+    named += [g for g in plan.groupings if g.startswith("clinical:")]
+    clashes = sorted({n for n in named if n.partition(":")[2] in slide_level})
+    if clashes:
+        raise InputError(
+            f"{', '.join(clashes)} read(s) a column that differs between rows of one patient (a slide-level column, "
+            "dropped: one value per patient is needed)",
+            where=f"clinical table {path}",
+            fix="give the column one value per patient, or remove the term",
+        )
+
+
 def _complete(frame: pd.DataFrame, columns: Sequence[str], *, model: str, endpoint: str) -> pd.DataFrame:
     missing = frame[list(columns)].isna().any(axis=1)
     if missing.any():
@@ -102,7 +116,7 @@ def _complete(frame: pd.DataFrame, columns: Sequence[str], *, model: str, endpoi
 def run_survival(inputs: SurvivalInputs, plan: SurvivalPlan) -> SurvivalResult:
     """The whole analysis of every endpoint: patient table, univariable and multivariable Cox, c-index, KM."""
     settings = plan.settings
-    clinical = _clinical_patients(inputs)
+    clinical = _clinical_patients(inputs, plan)
     features = load_slide_features(
         slide_patients=inputs.slide_patients,
         calls=inputs.calls,
@@ -143,6 +157,7 @@ def run_survival(inputs: SurvivalInputs, plan: SurvivalPlan) -> SurvivalResult:
                 cox_table(fit, design, plan.multivariable, endpoint=endpoint.name, analysis="multivariable")
             )
             cindex += cindex_rows(subset, fit, design, plan.multivariable, endpoint=endpoint.name, settings=settings)
+        _say_patient_sets(fits, endpoint.name)
     km, logrank = _km_tables(plan, clinical, features, outcomes)
     return SurvivalResult(
         patients=patients,
@@ -153,6 +168,21 @@ def run_survival(inputs: SurvivalInputs, plan: SurvivalPlan) -> SurvivalResult:
         logrank=logrank,
         fits=fits,
     )
+
+
+def _say_patient_sets(fits: Mapping[str, CoxFit], endpoint: str) -> None:
+    """One warning when an endpoint's models were fitted on different numbers of patients (each model uses the
+    patients that have all its covariates), so that univariable and multivariable rows side by side — on one
+    forest plot — are not read as the same patients."""
+    models = {key.removeprefix(f"{endpoint}/"): fit for key, fit in fits.items() if key.startswith(f"{endpoint}/")}
+    if len({fit.n for fit in models.values()}) > 1:
+        sizes = [f"{key.replace('/', ' ')} n = {fit.n} ({fit.events} events)" for key, fit in models.items()]
+        log.warning(
+            "endpoint %s: the models use different patients (each uses those with all its covariates): %s; "
+            "the n and events columns of the Cox tables, and the forest plot, give each model's",
+            endpoint,
+            "; ".join(sizes),
+        )
 
 
 def _patient_table(
@@ -185,7 +215,7 @@ def _multivariable_fit(
             fix="check which covariates are missing for which patients (patients.tsv)",
         )
     fit = fit_cox(subset, columns, name=name, settings=plan.settings)
-    if fit.model is None:
+    if fit.model is None and not fit.refused:
         raise InputError(
             f"every covariate of the {name} model is constant over its {len(subset)} patients: "
             + "; ".join(f"{k} {v}" for k, v in fit.dropped.items()),

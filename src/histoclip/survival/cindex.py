@@ -181,7 +181,19 @@ def cindex_rows(
     settings: SurvivalSettings,
 ) -> list[dict[str, Any]]:
     """Rows of CINDEX_COLUMNS for the multivariable model ``fit`` of one endpoint and, when it mixes clinical and
-    slide terms, for each part alone (on the same patients, with the covariates the full fit kept)."""
+    slide terms, for each part alone (on the same patients, with the covariates the full fit kept). A model that
+    was not fitted gets one row saying why, and no c-index."""
+    if not fit.fitted:
+        row = {c: np.nan for c in CINDEX_COLUMNS} | {
+            "endpoint": endpoint,
+            "model": "multivariable",
+            "terms": ", ".join(map(str, terms)),
+            "n": fit.n,
+            "events": fit.events,
+            "repeats": settings.cv_repeats,
+            "note": f"no c-index: the model was {fit.refused or 'not fitted'}",
+        }
+        return [row]
     rows = []
     for label, model_terms in _cindex_models(terms):
         kept = [c for c in design.columns(model_terms) if c in fit.covariates]

@@ -6,11 +6,22 @@ the covariates before penalising, and with a penalty the 95 % intervals are thos
 valid confidence intervals). Proportional hazards are checked per covariate with lifelines'
 ``proportional_hazard_test`` (scaled Schoenfeld residuals against the rank of time). lifelines is imported
 inside the functions, so that the workflow can plan the survival rule without it.
+
+**Models that are not fitted.** A model with fewer events per covariate than ``min_events_per_covariate``
+(default 5) is not fitted: with 1 event and 1 covariate lifelines still returns a number (an HR of 0.13 with a
+95 % interval of 0 to infinity), and a table or a forest plot would show it like any other. A fit that does not
+converge (lifelines warns that Newton–Raphson stopped with a large step, or that the likelihood runs to 0:
+complete separation, a coefficient heading to ±infinity) is not reported either. Such a model's rows keep ``n``,
+``events``, ``n_covariates`` and ``events_per_covariate``, say ``fitted`` false and why in ``note``, and carry no
+estimate. A model lifelines cannot fit at all (a singular information matrix: collinear covariates) is an error
+naming it. Fewer events per covariate than ``warn_events_per_covariate`` (default 10) is a warning, in the log and
+in the rows' note.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +41,8 @@ __all__ = ["COX_COLUMNS", "CoxFit", "cox_table", "fit_cox", "lifelines_fit"]
 
 @dataclass
 class CoxFit:
-    """A fitted Cox model (``model`` is None when no covariate was left to fit) and what was dropped."""
+    """A Cox model: fitted (``model``), or not (``model`` None: no covariate left, or ``refused`` says why), and what
+    was dropped."""
 
     name: str
     model: Any
@@ -38,8 +50,10 @@ class CoxFit:
     covariates: list[str]
     dropped: dict[str, str]
     ph_p: dict[str, float]
-    #: Said of the whole fit, e.g. that Newton–Raphson did not fully converge (copied into every row's note).
+    #: Said of the whole fit, e.g. that it has few events per covariate (copied into every row's note).
     model_note: str = ""
+    #: Why the model was not fitted (too few events per covariate, no convergence); empty when it was.
+    refused: str = ""
 
     @property
     def n(self) -> int:
@@ -48,6 +62,18 @@ class CoxFit:
     @property
     def events(self) -> int:
         return int(self.data["event"].sum())
+
+    @property
+    def fitted(self) -> bool:
+        return self.model is not None
+
+    @property
+    def events_per_covariate(self) -> float:
+        return self.events / len(self.covariates) if self.covariates else float("nan")
+
+
+#: lifelines' ConvergenceWarnings that say the fit did not converge (others, e.g. low variance, are notes).
+_NOT_CONVERGED = re.compile(r"Newton-Raphson|suspiciously close", re.IGNORECASE)
 
 
 def _constant_note(values: pd.Series) -> str:
@@ -75,9 +101,11 @@ def fit_cox(
     check_ph: bool = True,
 ) -> CoxFit:
     """Fit a Cox model of ``time``/``event`` on ``covariates`` (rows with a missing value are the caller's to
-    drop). Constant covariates are dropped with a warning; a fit that doesn't converge is an InputError naming
-    the model and suggesting a penalizer; lifelines' own warnings are logged with the model's name."""
-    from lifelines.exceptions import ConvergenceError
+    drop). Constant covariates are dropped with a warning. Not fitted (``refused`` says why, logged as a warning):
+    fewer than ``min_events_per_covariate`` events per covariate, or a fit that does not converge. A fit lifelines
+    cannot do at all is an InputError naming the model and suggesting a penalizer; lifelines' other warnings are
+    logged with the model's name."""
+    from lifelines.exceptions import ConvergenceError, ConvergenceWarning
 
     frame = data[["time", "event", *covariates]].astype(float)
     dropped: dict[str, str] = {}
@@ -92,37 +120,43 @@ def fit_cox(
     if not kept:
         return CoxFit(name, None, frame, [], dropped, {})
     events = int(frame["event"].sum())
+    counts = f"n = {len(frame)}, {events} event(s), {len(kept)} covariate(s): {events / len(kept):.1f} per covariate"
     if events < settings.min_events_per_covariate * len(kept):
-        log.warning(
-            "Cox model %s: %d event(s) for %d covariate(s) (%.1f per covariate, fewer than %g): estimates are "
-            "unstable; use fewer covariates or a penalizer",
-            name,
-            events,
-            len(kept),
-            events / len(kept),
-            settings.min_events_per_covariate,
+        refused = (
+            f"not fitted: {counts}, fewer than survival.min_events_per_covariate = "
+            f"{settings.min_events_per_covariate:g} (its estimates would be noise)"
         )
+        log.warning("Cox model %s: %s; use fewer covariates or more patients", name, refused)
+        return CoxFit(name, None, frame, kept, dropped, {}, refused=refused)
+    model_note = ""
+    if events < settings.warn_events_per_covariate * len(kept):
+        model_note = (
+            f"few events: {counts}, fewer than survival.warn_events_per_covariate = "
+            f"{settings.warn_events_per_covariate:g}: estimates are unstable"
+        )
+        log.warning("Cox model %s: %s; use fewer covariates or a penalizer", name, model_note)
     try:
         model, caught = lifelines_fit(frame, settings)
     except (ConvergenceError, np.linalg.LinAlgError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(
-            f"the Cox model {name!r} ({', '.join(kept)}; {len(frame)} patients, {events} events) did not converge: "
-            f"{first}",
+            f"the Cox model {name!r} ({', '.join(kept)}; {len(frame)} patients, {events} events) could not be "
+            f"fitted: {first}",
             where="survival",
             fix="set survival.penalizer (e.g. 0.1) to shrink the coefficients, or remove collinear or nearly "
             "constant covariates",
         ) from exc
-    from lifelines.exceptions import ConvergenceWarning
-
-    model_note = ""
     for warning in caught:
         message = str(warning.message).strip().splitlines()[0]
-        if issubclass(warning.category, ConvergenceWarning):
-            model_note = "lifelines convergence warning: estimates may be unreliable; consider survival.penalizer"
-            log.warning("Cox model %s: %s (consider survival.penalizer, e.g. 0.1)", name, message)
-        else:
-            log.warning("Cox model %s: %s", name, message)
+        if issubclass(warning.category, ConvergenceWarning) and _NOT_CONVERGED.search(message):
+            refused = (
+                f"not fitted: did not converge ({message.rstrip('. ')}); {counts}; a covariate that separates "
+                "events from censored patients has no finite hazard ratio: set survival.penalizer (e.g. 0.1) or "
+                "remove the covariate"
+            )
+            log.warning("Cox model %s: %s", name, refused)
+            return CoxFit(name, None, frame, kept, dropped, {}, model_note, refused)
+        log.warning("Cox model %s: %s", name, message)
     ph_p: dict[str, float] = {}
     if check_ph:
         ph_p = _ph_test(model, frame, name, settings)
@@ -167,6 +201,9 @@ COX_COLUMNS = [
     "p",
     "n",
     "events",
+    "n_covariates",
+    "events_per_covariate",
+    "fitted",
     "ph_test_p",
     "lr_test_p",
     "penalizer",
@@ -175,7 +212,10 @@ COX_COLUMNS = [
 
 
 def cox_table(fit: CoxFit, design: Design, terms: Sequence[Term], *, endpoint: str, analysis: str) -> pd.DataFrame:
-    """One row per covariate of ``terms`` (dropped ones with NaN and a note): the columns of COX_COLUMNS."""
+    """One row per covariate of ``terms`` (dropped ones, and every one of a model that was not fitted, with NaN
+    estimates, ``fitted`` false and the reason in ``note``): the columns of COX_COLUMNS. ``n``, ``events`` and
+    ``n_covariates`` are the model's: a univariable row's patients are those with that term, a multivariable
+    row's those with every term."""
     summary = fit.model.summary if fit.model is not None else None
     lr_p = float("nan")
     if fit.model is not None:
@@ -197,9 +237,12 @@ def cox_table(fit: CoxFit, design: Design, terms: Sequence[Term], *, endpoint: s
                 "reference": design_term.reference,
                 "n": fit.n,
                 "events": fit.events,
+                "n_covariates": len(fit.covariates),
+                "events_per_covariate": fit.events_per_covariate,
+                "fitted": fit.fitted and covariate in fit.covariates,
                 "lr_test_p": lr_p,
                 "penalizer": fit.model.penalizer if fit.model is not None else float("nan"),
-                "note": "; ".join(filter(None, [fit.dropped.get(covariate, ""), fit.model_note])),
+                "note": "; ".join(filter(None, [fit.dropped.get(covariate, ""), fit.refused, fit.model_note])),
             }
             if summary is not None and covariate in summary.index:
                 s = summary.loc[covariate]

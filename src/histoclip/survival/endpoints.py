@@ -1,12 +1,12 @@
 """Survival endpoints: which clinical columns hold a time and an event, read so that an event is never a censoring.
 
 **Endpoints** (config ``survival.endpoints``): a name, a time column and an event column of the clinical table,
-and ``event_value``, the value of the event column that means "the event happened" (default 1, the clinical
-table's convention ``event``: 1 = event, 0 = censored). CLAM/SurvPath tables have ``censorship`` (1 = censored):
-either convert them once with :func:`event_table_from_censorship` (``python -m histoclip.survival
-from-censorship``) or name the column with ``event_value: 0``. A column whose name says "censor" with
-``event_value: 1``, or the ``event`` column with ``event_value: 0``, is refused: read the wrong way round every
-hazard ratio flips, and nothing downstream would notice.
+and the event column's ``coding``: ``event`` (1 = the event happened, 0 = censored; the default) or
+``censorship`` (1 = censored, 0 = the event happened: CLAM/SurvPath tables), read as event = 1 - censorship. A
+TCGA/SurvPath table therefore works as it comes (``os: {time: survival_months, event: censorship, coding:
+censorship}``); :func:`event_table_from_censorship` (``python -m histoclip.survival from-censorship``) converts one
+to our convention instead, once. A column whose name says "censor" coded ``event``, or the ``event`` column coded
+``censorship``, is refused: read the wrong way round every hazard ratio flips, and nothing downstream would notice.
 """
 
 from __future__ import annotations
@@ -24,19 +24,23 @@ from histoclip.survival.cells import id_list, numeric
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Endpoint", "endpoint_frame", "event_table_from_censorship"]
+__all__ = ["CODINGS", "Endpoint", "endpoint_frame", "event_table_from_censorship"]
 
 _CENSOR_NAME = re.compile(r"censor", re.IGNORECASE)
+
+#: Coding of an event column → the value that means "the event happened".
+CODINGS = {"event": 1, "censorship": 0}
 
 
 @dataclass(frozen=True)
 class Endpoint:
-    """One survival endpoint: the clinical table's time column and event column, and which value is an event."""
+    """One survival endpoint: the clinical table's time column and event column, and how the event column is coded
+    (``event``: 1 = event; ``censorship``: 1 = censored)."""
 
     name: str
     time: str = "time"
     event: str = "event"
-    event_value: int = 1
+    coding: str = "event"
 
     @classmethod
     def from_config(cls, name: str, entry: Mapping[str, Any] | None) -> Endpoint:
@@ -45,47 +49,61 @@ class Endpoint:
             name=name,
             time=str(entry.get("time", "time")),
             event=str(entry.get("event", "event")),
-            event_value=int(entry.get("event_value", 1)),
+            coding=str(entry.get("coding", "event")),
         )
         endpoint.check_coding()
         return endpoint
 
+    @property
+    def event_value(self) -> int:
+        """The value of the event column that means the event happened."""
+        return CODINGS[self.coding]
+
     def check_coding(self, where: str | None = None) -> None:
         """Refuse the two ways to read censoring as events: it can't be caught later, every HR would flip."""
         where = where or f"survival.endpoints.{self.name}"
-        if self.event_value not in (0, 1):
-            raise InputError(f"event_value {self.event_value!r} is not 0 or 1", where=where, fix="set 1 or 0")
-        if _CENSOR_NAME.search(self.event) and self.event_value == 1:
+        if self.coding not in CODINGS:
             raise InputError(
-                f"event column {self.event!r} looks like a censoring indicator (1 = censored), but event_value is 1, "
-                "which would count every censored patient as an event",
+                f"coding {self.coding!r} is neither 'event' (1 = event) nor 'censorship' (1 = censored)",
                 where=where,
-                fix=f"set event_value: 0 (an event is where {self.event} == 0), or convert the table to our "
+                fix="set coding: event or coding: censorship",
+            )
+        if _CENSOR_NAME.search(self.event) and self.coding == "event":
+            raise InputError(
+                f"event column {self.event!r} looks like a censoring indicator (1 = censored), but its coding is "
+                "'event' (1 = event), which would count every censored patient as an event",
+                where=where,
+                fix=f"set coding: censorship (an event is where {self.event} == 0), or convert the table to our "
                 "convention (event = 1 - censorship) with `python -m histoclip.survival from-censorship`",
             )
-        if self.event == "event" and self.event_value != 1:
+        if self.event == "event" and self.coding != "event":
             raise InputError(
-                "the clinical table's `event` column is 1 = event, 0 = censored; event_value 0 would count every "
-                "censored patient as an event",
+                "the clinical table's `event` column is 1 = event, 0 = censored; coding censorship would count "
+                "every censored patient as an event",
                 where=where,
-                fix="remove event_value (default 1), or point `event` at a censoring column",
+                fix="remove coding (default event), or point `event` at a censorship column",
             )
+
+    def describe(self) -> str:
+        """The endpoint's columns as a message names them."""
+        meaning = "1 = event" if self.coding == "event" else "1 = censored"
+        return f"endpoint {self.name!r} (time {self.time!r}, event {self.event!r}, {meaning})"
 
 
 def endpoint_frame(clinical: pd.DataFrame, endpoint: Endpoint, *, where: str = "clinical table") -> pd.DataFrame:
-    """``time`` (float) and ``event`` (0/1 in our convention) of one endpoint, indexed like ``clinical``.
+    """``time`` (float) and ``event`` (0/1 in our convention: 1 = event) of one endpoint, indexed like ``clinical``.
 
     Patients with a missing time or event are left out with a warning; an endpoint with no event at all is an
     error, because a Cox model or a log-rank test on it estimates nothing.
     """
     endpoint.check_coding()
-    for column in (endpoint.time, endpoint.event):
+    for key, column in (("time", endpoint.time), ("event", endpoint.event)):
         if column not in clinical.columns:
             raise InputError(
                 f"endpoint {endpoint.name!r} needs column {column!r}, which is not there "
                 f"(columns: {', '.join(map(str, clinical.columns))})",
                 where=where,
-                fix=f"add the column or set survival.endpoints.{endpoint.name}.time / .event to existing columns",
+                fix=f"add the column or set survival.endpoints.{endpoint.name}.{key} to an existing column",
             )
     time, bad_time = numeric(clinical[endpoint.time])
     raw_event, bad_event = numeric(clinical[endpoint.event])
@@ -119,10 +137,10 @@ def endpoint_frame(clinical: pd.DataFrame, endpoint: Endpoint, *, where: str = "
     if frame.empty or frame["event"].sum() == 0:
         raise InputError(
             f"endpoint {endpoint.name!r} has no events among its {len(frame)} patient(s) with a time "
-            f"(column {endpoint.event!r} is never {endpoint.event_value})",
+            f"(column {endpoint.event!r}, coded {endpoint.coding}, is never {endpoint.event_value})",
             where=where,
             fix="check the event column and its coding (survival.endpoints."
-            f"{endpoint.name}.event / event_value), or drop the endpoint",
+            f"{endpoint.name}.event / coding), or drop the endpoint",
         )
     return frame
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from histoclip.errors import InputError
+from histoclip.survival.clinical import ClinicalLayout
 from histoclip.survival.endpoints import Endpoint
 from histoclip.survival.groupings import grouping_file_name, parse_grouping
 from histoclip.survival.patients import PARTS
@@ -30,6 +31,13 @@ class SurvivalPlan:
     univariable: tuple[Term, ...]
     groupings: tuple[str, ...]
     settings: SurvivalSettings
+    #: The clinical table's patient column (``survival.patient_column``).
+    patient_column: str = "patient_id"
+
+    @property
+    def layout(self) -> ClinicalLayout:
+        """Which columns of the clinical table the plan reads: the patient column and every endpoint's."""
+        return ClinicalLayout(self.patient_column, self.endpoints)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> SurvivalPlan:
@@ -64,7 +72,8 @@ class SurvivalPlan:
                 where="survival",
                 fix="use alr or drop_reference",
             )
-        return cls(endpoints, multivariable, univariable, groupings, settings)
+        patient_column = str(section.get("patient_column") or "patient_id")
+        return cls(endpoints, multivariable, univariable, groupings, settings, patient_column)
 
 
 def required_sources(plan: SurvivalPlan) -> list[str]:

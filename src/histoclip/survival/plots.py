@@ -8,6 +8,7 @@ including the numbers at risk printed under a Kaplan–Meier plot, which a revie
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -96,12 +97,17 @@ def _km_panel(
     ticks = [t for t in ax.get_xticks() if 0 <= t <= t_max * 1.02]
     if len(test) and math.isfinite(float(test["p"].iloc[0])):
         row = test.iloc[0]
-        result = f"log-rank p = {_p_text(float(row['p']))} (χ² = {float(row['test_statistic']):.2f}, "
+        p_text = _p_text(float(row["p"]))
+        result = f"log-rank p {p_text if p_text.startswith('<') else '= ' + p_text} "
+        result += f"(χ² = {float(row['test_statistic']):.2f}, "
         result += f"df = {int(row['df'])})"
     else:
         result = "log-rank test: n/a (one group)"
     grouping = str(subset["grouping"].iloc[0]) if len(subset) else ""
-    ax.set_title(f"{title or endpoint.upper()} by {grouping}: {result}" if title or grouping else result)
+    heading = f"{title or endpoint.upper()} by {grouping}: {result}" if title or grouping else result
+    if len(test):  # the patients behind the curves (those with a group and this endpoint's time and event)
+        heading += f"\n{_count_text(int(test['n'].iloc[0]), int(test['events'].iloc[0]))}"
+    ax.set_title(heading)
     return np.asarray(ticks, dtype=float)
 
 
@@ -179,40 +185,94 @@ def km_figure(
     return figure, data[["kind", *[c for c in data.columns if c != "kind"]]]
 
 
+def _is_fitted(rows: pd.DataFrame) -> pd.Series:
+    """Rows with an estimate to draw: fitted (tables without the ``fitted`` column: any finite HR)."""
+    finite = pd.Series(np.isfinite(pd.to_numeric(rows["hr"], errors="coerce")), index=rows.index)
+    if "fitted" not in rows.columns:
+        return finite
+    fitted = rows["fitted"].map(lambda v: str(v).strip().lower() in ("true", "1"))
+    return fitted & finite
+
+
+def _count_text(n: int, events: int) -> str:
+    return f"n = {n}, {events} event{'s' if events != 1 else ''}"
+
+
+def _not_fitted_text(row: pd.Series) -> str:
+    """Why a row has no estimate, short enough for the plot (the Cox table's note has it in full)."""
+    note = str(row.get("note", "") or "")
+    counts = _count_text(int(row["n"]), int(row["events"]))
+    if note.startswith(("constant", "no values")):  # dropped from its model, fitted or not
+        return f"dropped: {note.split(';')[0]} ({counts})"
+    if "did not converge" in note:
+        return f"not fitted: did not converge ({counts})"
+    minimum = re.search(r"min_events_per_covariate = ([0-9.eg+-]+)", note)
+    if minimum:
+        per = float(row["events_per_covariate"]) if "events_per_covariate" in row else float("nan")
+        return f"not fitted: {per:.1f} events per covariate < {minimum.group(1)} ({counts})"
+    return f"no estimate: {note.split(';')[0] or 'dropped'} ({counts})"
+
+
 def _forest_panel(
     ax: Axes, rows: pd.DataFrame, covariates: Sequence[str], limits: tuple[float, float], style: FigureStyle
 ) -> list[dict[str, Any]]:
     """One endpoint's hazard ratios and intervals (clipped to ``limits``), univariable above multivariable on each
-    covariate's line, the multivariable estimate printed at the right; returns the plotted rows."""
+    covariate's line, each estimate printed at the right with its model's n and events; a model that was not
+    fitted is not drawn, its line says why. Returns the rows (drawn or not) as source data."""
     low, high = limits
     plotted = []
     ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+    fitted = _is_fitted(rows)
     for analysis, offset, marker, face in (
-        ("univariable", 0.15, "o", "white"),
-        ("multivariable", -0.15, "s", None),
+        ("univariable", 0.17, "o", "white"),
+        ("multivariable", -0.17, "s", None),
     ):
         part = rows[rows["analysis"] == analysis]
         colour = PALETTE[0] if analysis == "multivariable" else PALETTE[1]
-        for _, row in part.iterrows():
+        for index, row in part.iterrows():
             y = len(covariates) - 1 - covariates.index(row["covariate"]) + offset
             hr = float(row["hr"])
             lo, hi = float(row["hr_lower_95"]), float(row["hr_upper_95"])
-            ax.plot(
-                [np.clip(lo, low, high), np.clip(hi, low, high)],
-                [y, y],
-                color=colour,
-                lw=1.1,
-                solid_capstyle="butt",
-            )
-            ax.plot(
-                [np.clip(hr, low, high)],
-                [y],
-                marker=marker,
-                ms=4.5,
-                color=colour,
-                markerfacecolor=face or colour,
-                ls="none",
-            )
+            drawn = bool(fitted[index])
+            counts = _count_text(int(row["n"]), int(row["events"]))
+            if drawn:
+                ax.plot(
+                    [np.clip(lo, low, high), np.clip(hi, low, high)],
+                    [y, y],
+                    color=colour,
+                    lw=1.1,
+                    solid_capstyle="butt",
+                )
+                ax.plot(
+                    [np.clip(hr, low, high)],
+                    [y],
+                    marker=marker,
+                    ms=4.5,
+                    color=colour,
+                    markerfacecolor=face or colour,
+                    ls="none",
+                )
+                ax.annotate(
+                    f"{hr:.2f} ({lo:.2f}–{hi:.2f}), p {_p_text(float(row['p']))}; {counts}",
+                    xy=(1.0, y),
+                    xycoords=("axes fraction", "data"),
+                    xytext=(4, 0),
+                    textcoords="offset points",
+                    va="center",
+                    fontsize=style.font_size - 1.5,
+                    color=colour,
+                )
+            else:  # where its estimate would be: nothing drawn, and why
+                ax.text(
+                    0.02,
+                    y,
+                    f"{analysis} {_not_fitted_text(row)}",
+                    transform=ax.get_yaxis_transform(),
+                    va="center",
+                    fontsize=style.font_size - 1.5,
+                    color="#777777",
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5},
+                )
             plotted.append(
                 {
                     "endpoint": row["endpoint"],
@@ -225,20 +285,33 @@ def _forest_panel(
                     "p": float(row["p"]),
                     "n": int(row["n"]),
                     "events": int(row["events"]),
-                    "y": y,
+                    "fitted": drawn,
+                    "note": "" if drawn else str(row.get("note", "") or ""),
+                    "y": y if drawn else np.nan,
                 }
             )
-            if analysis == "multivariable":
-                ax.annotate(
-                    f"{hr:.2f} ({lo:.2f}–{hi:.2f}), p {_p_text(float(row['p']))}",
-                    xy=(1.0, y),
-                    xycoords=("axes fraction", "data"),
-                    xytext=(4, 0),
-                    textcoords="offset points",
-                    va="center",
-                    fontsize=style.font_size - 1.5,
-                )
     return plotted
+
+
+def _panel_title(rows: pd.DataFrame, endpoint: str, title: str) -> str:
+    """The endpoint, the multivariable model's n and events (or that it was not fitted), and — when univariable
+    models used other patients (each uses those with its own covariate) — theirs."""
+    lines = [endpoint.upper() if not title else f"{title}: {endpoint.upper()}"]
+    multi = rows[rows["analysis"] == "multivariable"]
+    uni = rows[rows["analysis"] == "univariable"]
+    if len(multi):
+        first = multi.iloc[0]
+        counts = _count_text(int(first["n"]), int(first["events"]))
+        lines.append(f"multivariable: {counts}" if _is_fitted(multi).any() else f"multivariable not fitted: {counts}")
+    if len(uni):
+        sizes, events = uni["n"].astype(int), uni["events"].astype(int)
+        same = len(multi) and sizes.eq(int(multi["n"].iloc[0])).all()
+        if not same:
+            n_text = f"{sizes.min()}" if sizes.nunique() == 1 else f"{sizes.min()}–{sizes.max()}"
+            e_text = f"{events.min()}" if events.nunique() == 1 else f"{events.min()}–{events.max()}"
+            other = " (other patients)" if len(multi) else ""
+            lines.append(f"univariable: n = {n_text}, {e_text} events{other}")
+    return "\n".join(lines)
 
 
 def _hazard_ratio_axis(ax: Axes, limits: tuple[float, float], covariates: Sequence[str]) -> None:
@@ -261,39 +334,41 @@ def forest_figure(
     univariable: pd.DataFrame, multivariable: pd.DataFrame, style: FigureStyle, *, title: str = ""
 ) -> tuple[Figure, pd.DataFrame]:
     """Hazard ratios with 95 % intervals on a log axis, univariable (open circles) beside multivariable (filled
-    squares), one panel per endpoint; the multivariable HR, interval and p printed at the right.
+    squares), one panel per endpoint; every estimate printed at the right with its model's n and events, the
+    multivariable model's n and events (and the univariable models' when they used other patients) under the
+    panel's title. A model that was not fitted (too few events per covariate, no convergence) is not drawn: its
+    line says why.
 
-    Source data: the plotted rows (endpoint, analysis, covariate, reference, hr, interval, p, n, events, y)."""
+    Source data: every row (endpoint, analysis, covariate, reference, hr, interval, p, n, events, fitted, note, y;
+    y empty where nothing was drawn)."""
     columns = ["endpoint", "analysis", "covariate", "reference", "hr", "hr_lower_95", "hr_upper_95", "p", "n", "events"]
+    out_columns = [*columns, "fitted", "note", "y"]
     tables = [t for t in (univariable, multivariable) if len(t)]
-    rows = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=columns)
-    rows = rows[np.isfinite(pd.to_numeric(rows["hr"], errors="coerce"))]
-    if rows.empty:
-        message = (
-            "No Cox model: survival.multivariable and survival.univariable name no term"
-            if not tables
-            else ("No Cox estimate: every covariate was dropped (see the note column of the Cox tables)")
-        )
-        return _message_figure(style, message), pd.DataFrame(columns=[*columns, "y"])
-    endpoints = list(dict.fromkeys(pd.concat(tables)["endpoint"]))
+    if not tables:
+        message = "No Cox model: survival.multivariable and survival.univariable name no term"
+        return _message_figure(style, message), pd.DataFrame(columns=out_columns)
+    rows = pd.concat(tables, ignore_index=True)
+    drawn = rows[_is_fitted(rows)]
+    endpoints = list(dict.fromkeys(rows["endpoint"]))
     covariates = list(dict.fromkeys([*multivariable.get("covariate", []), *univariable.get("covariate", [])]))
-    finite = pd.concat([rows["hr_lower_95"], rows["hr_upper_95"]]).astype(float)
+    finite = pd.concat([drawn["hr_lower_95"], drawn["hr_upper_95"]]).astype(float)
     finite = finite[np.isfinite(finite) & (finite > 0)]
     low = max(1e-3, float(finite.min()) / 1.3) if len(finite) else 0.1
     high = min(1e3, float(finite.max()) * 1.3) if len(finite) else 10.0
     low, high = min(low, 0.8), max(high, 1.25)
     plotted = []
     with style.context():
-        height = max(style.height_in, 0.32 * len(covariates) + 1.2)
+        height = max(style.height_in, 0.4 * len(covariates) + 1.6)
         figure = new_figure(style, height_in=height)
         axes = figure.subplots(1, len(endpoints), sharey=True, squeeze=False)[0]
         for ax, endpoint in zip(axes, endpoints, strict=True):
-            plotted += _forest_panel(ax, rows[rows["endpoint"] == endpoint], covariates, (low, high), style)
+            part = rows[rows["endpoint"] == endpoint]
+            plotted += _forest_panel(ax, part, covariates, (low, high), style)
             _hazard_ratio_axis(ax, (low, high), covariates)
-            ax.set_title(endpoint.upper() if not title else f"{title}: {endpoint.upper()}")
+            ax.set_title(_panel_title(part, endpoint, title), fontsize=style.font_size - 0.5)
         handles = [
             Line2D([], [], marker="o", ls="-", color=PALETTE[1], markerfacecolor="white", label="univariable"),
             Line2D([], [], marker="s", ls="-", color=PALETTE[0], label="multivariable"),
         ]
         figure.legend(handles=handles, loc="outside lower center", ncols=2, frameon=False)
-    return figure, pd.DataFrame(plotted, columns=[*columns, "y"])
+    return figure, pd.DataFrame(plotted, columns=out_columns)

@@ -26,6 +26,7 @@ class SurvivalSettings(SectionSettings, section="survival"):
     cv_folds: int
     cv_repeats: int
     min_events_per_covariate: float
+    warn_events_per_covariate: float
     ph_alpha: float
     phenotype_transform: str
     phenotype_reference: str | None
