@@ -25,7 +25,7 @@ import numpy as np
 #: The longest side of the coarsest virtual level: virtual levels are added (halving) until a level fits.
 VIRTUAL_LEVEL_MAX_PX = 1024
 #: A whole level is decoded in bands of at most this many bytes of the level it is averaged from.
-BAND_BYTES = 64 * 2**20
+BAND_BYTES = 16 * 2**20
 
 
 class ReadError(Exception):
@@ -132,8 +132,8 @@ def area_average(rgb: np.ndarray, factor: int) -> np.ndarray:
     if factor == 1:
         return rgb
     h, w = (rgb.shape[0] // factor) * factor, (rgb.shape[1] // factor) * factor
-    blocks = rgb[:h, :w].reshape(h // factor, factor, w // factor, factor, 3).astype(np.uint32)
-    total = blocks.sum(axis=(1, 3))
+    blocks = rgb[:h, :w].reshape(h // factor, factor, w // factor, factor, 3)
+    total = blocks.sum(axis=(1, 3), dtype=np.uint32)  # summed in place of a widened copy of the block
     return ((total + factor * factor // 2) // (factor * factor)).astype(np.uint8)
 
 
@@ -195,13 +195,7 @@ class RegionReader:
 
     def read_level_rgb(self, level: int) -> np.ndarray:
         spec = self._levels[level]
-        source = self._levels[spec.source]
-        band_rows = max(1, BAND_BYTES // max(1, source.width * 3 * spec.factor * spec.factor))
-        out = np.empty((spec.height, spec.width, 3), np.uint8)
-        for row in range(0, spec.height, band_rows):
-            rows = min(band_rows, spec.height - row)
-            out[row : row + rows] = self._read_level_rect(level, 0, row, spec.width, rows)
-        return out
+        return self._read_level_rect(level, 0, 0, spec.width, spec.height)
 
     def __enter__(self) -> RegionReader:
         return self
@@ -211,13 +205,23 @@ class RegionReader:
 
     # -- helpers ------------------------------------------------------------------------------------------------
     def _read_level_rect(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
-        """A rectangle at ``level`` (its own coordinates), white outside the image, via the stored level."""
+        """A rectangle at ``level`` (its own coordinates), white outside the image, via the stored level, decoded
+        in bands of rows so that no more than :data:`BAND_BYTES` of the stored level is held at once."""
         spec = self._levels[level]
         out = np.full((height, width, 3), 255, np.uint8)
         x0, y0 = max(0, x), max(0, y)
         x1, y1 = min(spec.width, x + width), min(spec.height, y + height)
         if x1 <= x0 or y1 <= y0:
             return out
+        f = spec.factor
+        band_rows = max(1, BAND_BYTES // max(1, (x1 - x0) * 3 * f * f))
+        for top in range(y0, y1, band_rows):
+            bottom = min(y1, top + band_rows)
+            out[top - y : bottom - y, x0 - x : x1 - x] = self._averaged(spec, x0, top, x1, bottom)
+        return out
+
+    def _averaged(self, spec: Level, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        """Pixels [y0:y1, x0:x1] of a level that lie inside it: read from its stored level, averaged by its factor."""
         f = spec.factor
         source = self._levels[spec.source]
         sx0, sy0 = x0 * f, y0 * f
@@ -230,5 +234,4 @@ class RegionReader:
                     stored, ((0, want_h - stored.shape[0]), (0, want_w - stored.shape[1]), (0, 0)), mode="edge"
                 )
             stored = area_average(stored, f)
-        out[y0 - y : y1 - y, x0 - x : x1 - x] = stored[: y1 - y0, : x1 - x0]
-        return out
+        return stored[: y1 - y0, : x1 - x0]

@@ -138,7 +138,7 @@ class TiffReader(RegionReader):
         return self._read_segments(page, x, y, width, height)
 
     def _read_contiguous(self, page: tifffile.TiffPage, x: int, y: int, width: int, height: int) -> np.ndarray:
-        offset, _ = page.is_contiguous
+        offset = int(page.dataoffsets[0])  # contiguous: the strips follow each other from the first
         spp = page.samplesperpixel
         row_bytes = page.imagewidth * spp
         start = offset + y * row_bytes
