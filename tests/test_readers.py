@@ -302,8 +302,16 @@ def test_damaged_files_are_said_to_be_damaged(shared_data, cmu_rgb, tmp_path):
     data = dicom.read_bytes()
     dicom.write_bytes(data[: len(data) // 2])  # an interrupted copy
     message = refused(dicom)
-    assert message.startswith(f"slide 'bad': '{dicom}' is a DICOM file that no reader can open: it is damaged")
-    assert "re-export or re-scan it" in message
+    assert message.startswith(f"slide 'bad': '{dicom}' is truncated: its DICOM data set ends early (End of file")
+    assert message.endswith(
+        f"the file has {len(data) // 2:,} bytes Fix: the copy is incomplete (an interrupted download or transfer): "
+        "copy the slide again from its source and compare its size or checksum with the original"
+    )
+    garbage = tmp_path / "garbage.dcm"  # a DICOM preamble and signature, then noise: damaged, not truncated
+    garbage.write_bytes(b"\0" * 128 + b"DICM" + np.random.default_rng(0).bytes(4000))
+    message = refused(garbage)
+    assert message.startswith(f"slide 'bad': '{garbage}' is a DICOM file that no reader can open: it is damaged")
+    assert message.endswith("Fix: the file is damaged or unusually encoded; re-export or re-scan it, or remove it from the sheet")
 
 
 # --- convert --------------------------------------------------------------------------------------------------------

@@ -114,6 +114,8 @@ def open_wsi(path: str | Path, slide_id: str) -> SlideReader:
             return reader(path)
         except readers.NotBrightfield as exc:
             raise not_brightfield_error(slide_id, path, kind, exc) from exc
+        except readers.Truncated as exc:
+            raise truncated_slide_error(slide_id, path, str(exc)) from exc
         except Exception as exc:  # ReaderRefused, or anything a damaged file makes a reader throw
             reasons.append(str(exc) if isinstance(exc, readers.ReaderRefused) else f"{reader.name}: {exc}")
     raise unreadable_error(slide_id, path, kind, reasons) from openslide_error

@@ -27,6 +27,7 @@ from histoclip.tiling.readers.base import (
     ReadError,
     RegionReader,
     SlideReader,
+    Truncated,
 )
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "ReaderRefused",
     "RegionReader",
     "SlideReader",
+    "Truncated",
     "sniff",
 ]
 

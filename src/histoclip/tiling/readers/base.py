@@ -37,6 +37,10 @@ class ReaderRefused(Exception):
     """This reader does not read this file; the message says why (kept for the diagnosis if no reader does)."""
 
 
+class Truncated(ReaderRefused):
+    """The file is of this reader's format but ends early (an interrupted copy); the message says where."""
+
+
 class NotBrightfield(ReaderRefused):
     """The file is an image this reader understands, but not a brightfield RGB slide (fluorescence, multiplex,
     grayscale): no other reader or conversion makes it one, so the search stops here."""

@@ -18,11 +18,20 @@ the cohort sheet must give one.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from histoclip.tiling.readers.base import Level, NotBrightfield, ReaderRefused, ReadError, RegionReader, add_virtual_levels
+from histoclip.tiling.readers.base import (
+    Level,
+    NotBrightfield,
+    ReaderRefused,
+    ReadError,
+    RegionReader,
+    Truncated,
+    add_virtual_levels,
+)
 
 VL_WSI = "1.2.840.10008.5.1.4.1.1.77.1.6"
 
@@ -148,10 +157,19 @@ class DicomFramesReader(RegionReader):
         import pydicom
 
         self._path = Path(path)
-        try:
-            ds = pydicom.dcmread(self._path, defer_size=256)
-        except Exception as exc:
-            raise ReaderRefused(f"pydicom: not a DICOM file ({exc})") from exc
+        self._size = self._path.stat().st_size
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                ds = pydicom.dcmread(self._path, defer_size=256)
+            except Exception as exc:
+                raise ReaderRefused(f"pydicom: not a DICOM file ({exc})") from exc
+        ended = [str(w.message) for w in caught if "End of file" in str(w.message)]
+        if ended or (len(ds) == 0 and str(ds.file_meta.get("MediaStorageSOPClassUID", "")) == VL_WSI):
+            raise Truncated(
+                f"its DICOM data set ends early ({ended[0] if ended else 'no element could be read'}); the file "
+                f"has {self._size:,} bytes"
+            )
         if str(getattr(ds, "SOPClassUID", "")) != VL_WSI:
             raise ReaderRefused(f"pydicom: not a VL Whole Slide Microscopy image ({getattr(ds, 'SOPClassUID', '?')})")
         _check_brightfield(ds)
@@ -177,8 +195,12 @@ class DicomFramesReader(RegionReader):
         )
         self._mpp = _pixel_spacing_mpp(ds)
         self._offsets = self._frame_offsets(ds)
+        if self._offsets and sum(self._offsets[-1]) > self._size:
+            raise Truncated(
+                f"DICOM frame {len(self._offsets) - 1} ends at byte {sum(self._offsets[-1]):,} but the file has "
+                f"{self._size:,} bytes"
+            )
         self._fh = open(self._path, "rb")  # noqa: SIM115 - held for the reader's life, closed in close()
-        self._size = self._path.stat().st_size
         self._levels = add_virtual_levels([Level(width, height, 1.0, 0, 1)])
         self._properties = {
             "dicom.transfer-syntax": self._syntax,
