@@ -41,8 +41,8 @@ from bad_slides import (
     copy_workflow,
     corrupt_tiles_slide,
     good_slide,
-    single_level_tiled,
     plain_png,
+    single_level_tiled,
     snakemake,
     text_file,
     truncated_slide,
@@ -254,7 +254,13 @@ CASES: dict[str, tuple[Callable[..., dict[str, Any]], Expect]] = {
     ),
     "slide-plain-image": (
         with_slide(lambda tmp: plain_png(tmp / "photo.png")),
-        Expect("error", "slide", ("slide 'bad'", "photo.png"), ("is a PNG image, not a whole-slide format",), ("histoclip convert",)),
+        Expect(
+            "error",
+            "slide",
+            ("slide 'bad'", "photo.png"),
+            ("is a PNG image, not a whole-slide format",),
+            ("histoclip convert",),
+        ),
     ),
     "slide-single-level-large": (
         with_slide(lambda tmp: single_level_tiled(tmp / "flat.tiff", 8704)),

@@ -24,10 +24,10 @@ import tifffile
 from bad_slides import plain_png, textured_rgb
 
 from histoclip import cli
+from histoclip.config import default_config
 from histoclip.errors import SlideError
 from histoclip.formats import read_tile_file
 from histoclip.preflight.slides import SlideSettings, check_slide
-from histoclip.config import default_config
 from histoclip.sheets import SlideRecord
 from histoclip.tiling import slide as wsi
 from histoclip.tiling.convert import convert_to_pyramid_tiff
@@ -47,8 +47,16 @@ def cmu_rgb(shared_data) -> np.ndarray:
         return np.asarray(slide.read_region((0, 0), 0, slide.dimensions))[..., :3].copy()
 
 
-def wsi_dicom(path: Path, rgb: np.ndarray, template: Path, *, frame: int = 500, syntax: str = JPEG_BASELINE,
-              image_type: bool = False, pixel_spacing_mm: float | None = None) -> Path:
+def wsi_dicom(
+    path: Path,
+    rgb: np.ndarray,
+    template: Path,
+    *,
+    frame: int = 500,
+    syntax: str = JPEG_BASELINE,
+    image_type: bool = False,
+    pixel_spacing_mm: float | None = None,
+) -> Path:
     """A single-instance VL Whole Slide Microscopy DICOM of ``rgb``: TILED_FULL frames row by row."""
     ds = pydicom.dcmread(template)
     height, width = rgb.shape[:2]
@@ -60,8 +68,11 @@ def wsi_dicom(path: Path, rgb: np.ndarray, template: Path, *, frame: int = 500, 
             part = rgb[row * frame : (row + 1) * frame, col * frame : (col + 1) * frame]
             tile[: part.shape[0], : part.shape[1]] = part
             if syntax == JPEG_BASELINE:
-                frames.append(imagecodecs.jpeg8_encode(tile, level=90, colorspace="RGB", outcolorspace="YCBCR",
-                                                       subsampling=(2, 1)))
+                frames.append(
+                    imagecodecs.jpeg8_encode(
+                        tile, level=90, colorspace="RGB", outcolorspace="YCBCR", subsampling=(2, 1)
+                    )
+                )
             else:
                 frames.append(imagecodecs.jpegls_encode(tile))
     ds.file_meta.TransferSyntaxUID = syntax
@@ -106,7 +117,9 @@ def test_dicom_without_image_type_tiles_like_the_original_slide(shared_data, cmu
         assert (slide.name, slide.vendor, slide.dimensions) == ("pydicom-frames", "dicom", (2220, 2967))
         region = wsi.read_rgb(slide, (700, 900), 0, (600, 600))  # spans four frames
     # JPEG at quality 90 alone costs ~4.7 grey levels on this H&E; a region one pixel off differs by ~14
-    assert mean_abs_diff(region, cmu_rgb[900:1500, 700:1300]) < 6 < 10 < mean_abs_diff(region, cmu_rgb[900:1500, 701:1301])
+    assert (
+        mean_abs_diff(region, cmu_rgb[900:1500, 700:1300]) < 6 < 10 < mean_abs_diff(region, cmu_rgb[900:1500, 701:1301])
+    )
 
     with pytest.raises(SlideError) as err:  # no PixelSpacing: the sheet must give the mpp
         tile_slide(path, "he")
@@ -127,8 +140,9 @@ def test_dicom_without_image_type_tiles_like_the_original_slide(shared_data, cmu
 
 @pytest.mark.shared_data
 def test_dicom_mpp_from_pixel_spacing(shared_data, cmu_rgb, tmp_path):
-    path = wsi_dicom(tmp_path / "d" / "s.dcm", cmu_rgb[:1000, :1000], shared_data.joinpath(*BOXES_DICOM),
-                     pixel_spacing_mm=0.000499)
+    path = wsi_dicom(
+        tmp_path / "d" / "s.dcm", cmu_rgb[:1000, :1000], shared_data.joinpath(*BOXES_DICOM), pixel_spacing_mm=0.000499
+    )
     tiling = tile_slide(path, "s")
     assert tiling.mpp == pytest.approx(0.499) and tiling.mpp_source == "dicom-metadata"
 
@@ -138,8 +152,15 @@ def test_jpeg_ls_dicom_openslide_rejects_is_read_by_wsidicom(shared_data, tmp_pa
     template = shared_data.joinpath(*BOXES_DICOM)
     with openslide.OpenSlide(str(template)) as original:
         expected = np.asarray(original.read_region((0, 0), 0, (16, 16)))[..., :3]
-    path = wsi_dicom(tmp_path / "jls" / "boxes.dcm", pydicom.dcmread(template).pixel_array[:16, :16], template,
-                     frame=16, syntax=JPEG_LS_LOSSLESS, image_type=True, pixel_spacing_mm=0.000499)
+    path = wsi_dicom(
+        tmp_path / "jls" / "boxes.dcm",
+        pydicom.dcmread(template).pixel_array[:16, :16],
+        template,
+        frame=16,
+        syntax=JPEG_LS_LOSSLESS,
+        image_type=True,
+        pixel_spacing_mm=0.000499,
+    )
     with pytest.raises(openslide.OpenSlideError, match="Unsupported transfer syntax"):
         openslide.OpenSlide(str(path))
     with wsi.open_wsi(path, "jls") as slide:
@@ -157,8 +178,16 @@ def test_jpeg_ls_dicom_openslide_rejects_is_read_by_wsidicom(shared_data, tmp_pa
 def test_stripped_tiff_is_read_and_tiled(shared_data, cmu_rgb, tmp_path, compression):
     path = tmp_path / "strips.tif"
     px_per_cm = 1e4 / CMU_MPP
-    tifffile.imwrite(path, cmu_rgb, photometric="rgb", rowsperstrip=64, compression=compression,
-                     resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER", metadata=None)
+    tifffile.imwrite(
+        path,
+        cmu_rgb,
+        photometric="rgb",
+        rowsperstrip=64,
+        compression=compression,
+        resolution=(px_per_cm, px_per_cm),
+        resolutionunit="CENTIMETER",
+        metadata=None,
+    )
     with pytest.raises(openslide.OpenSlideUnsupportedFormatError):
         openslide.OpenSlide(str(path))
     with wsi.open_wsi(path, "strips") as slide:
@@ -195,8 +224,14 @@ def test_stripped_tiff_tissue_level_is_read_with_bounded_memory(tmp_path):
 
 def test_stripped_ome_tiff_mpp_from_ome_metadata(tmp_path):
     path = tmp_path / "s.ome.tif"
-    tifffile.imwrite(path, textured_rgb(1024), photometric="rgb", rowsperstrip=32, ome=True,
-                     metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25})
+    tifffile.imwrite(
+        path,
+        textured_rgb(1024),
+        photometric="rgb",
+        rowsperstrip=32,
+        ome=True,
+        metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25},
+    )
     with wsi.open_wsi(path, "ome") as slide:
         assert (slide.name, slide.vendor) == ("tifffile", "ome-tiff")
     tiling = tile_slide(path, "ome")
@@ -215,8 +250,9 @@ def test_czi_is_read_with_pylibczirw(shared_data, cmu_rgb, tmp_path):
             for x in range(0, cmu_rgb.shape[1], 1024):
                 block = np.ascontiguousarray(cmu_rgb[y : y + 1024, x : x + 1024, ::-1])
                 writer.write(data=block, plane={"C": 0, "T": 0, "Z": 0}, location=(x, y))
-        writer.write_metadata(document_name="cmu", channel_names={0: "TL"}, scale_x=CMU_MPP * 1e-6,
-                              scale_y=CMU_MPP * 1e-6)
+        writer.write_metadata(
+            document_name="cmu", channel_names={0: "TL"}, scale_x=CMU_MPP * 1e-6, scale_y=CMU_MPP * 1e-6
+        )
     with wsi.open_wsi(path, "czi") as slide:
         assert (slide.name, slide.dimensions) == ("pylibczirw", (2220, 2967))
         np.testing.assert_array_equal(wsi.read_rgb(slide, (1000, 1000), 0, (300, 300)), cmu_rgb[1000:1300, 1000:1300])
@@ -311,7 +347,9 @@ def test_damaged_files_are_said_to_be_damaged(shared_data, cmu_rgb, tmp_path):
     garbage.write_bytes(b"\0" * 128 + b"DICM" + np.random.default_rng(0).bytes(4000))
     message = refused(garbage)
     assert message.startswith(f"slide 'bad': '{garbage}' is a DICOM file that no reader can open: it is damaged")
-    assert message.endswith("Fix: the file is damaged or unusually encoded; re-export or re-scan it, or remove it from the sheet")
+    assert message.endswith(
+        "Fix: the file is damaged or unusually encoded; re-export or re-scan it, or remove it from the sheet"
+    )
 
 
 # --- convert --------------------------------------------------------------------------------------------------------
@@ -321,8 +359,16 @@ def test_damaged_files_are_said_to_be_damaged(shared_data, cmu_rgb, tmp_path):
 def test_convert_stripped_tiff_to_a_pyramid_openslide_reads_keeping_mpp(shared_data, cmu_rgb, tmp_path):
     src = tmp_path / "strips.tif"
     px_per_cm = 1e4 / CMU_MPP
-    tifffile.imwrite(src, cmu_rgb, photometric="rgb", rowsperstrip=16, compression="zlib",
-                     resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER", metadata=None)
+    tifffile.imwrite(
+        src,
+        cmu_rgb,
+        photometric="rgb",
+        rowsperstrip=16,
+        compression="zlib",
+        resolution=(px_per_cm, px_per_cm),
+        resolutionunit="CENTIMETER",
+        metadata=None,
+    )
     result = convert_to_pyramid_tiff(src, tmp_path / "out.tiff")
     assert result.reader == "tifffile" and result.mpp_source == "tiff-resolution"
     assert result.levels == ((2220, 2967), (555, 742))

@@ -179,7 +179,8 @@ def _check_slide(record: SlideRecord, settings: SlideSettings) -> SlideCheck:
                 f"{pyramid} ({settings.tissue_mpp} µm/px): tissue detection reads level {tissue_level} whole "
                 f"({width}×{height} px, {width * height * 4 / 2**30:.1f} GiB in memory)",
                 f"convert it to a pyramidal tiled TIFF (histoclip convert {record.path} "
-                f"{Path(record.path).with_suffix('.pyramid.tiff')}) or give the tile rule more memory (resources: mem_mb)",
+                f"{Path(record.path).with_suffix('.pyramid.tiff')}) or give the tile rule more memory "
+                "(resources: mem_mb)",
             )
 
         read_level = wsi.read_level_for(slide, resolved.mpp, settings.tiling.target_mpp)

@@ -131,14 +131,10 @@ def not_an_image(slide_id: str, path: Path, kind: readers.FileKind) -> NoReturn:
         )
     what, fix = readers.text_kind(kind.head)
     first = kind.head.decode("utf-8", errors="replace").strip().splitlines()[0][:60] if kind.head.strip() else ""
-    raise SlideError(
-        slide_id, f"{str(path)!r} is not an image at all: it is {what}, beginning {first!r}", fix=fix
-    )
+    raise SlideError(slide_id, f"{str(path)!r} is not an image at all: it is {what}, beginning {first!r}", fix=fix)
 
 
-def not_brightfield_error(
-    slide_id: str, path: Path, kind: readers.FileKind, exc: readers.NotBrightfield
-) -> SlideError:
+def not_brightfield_error(slide_id: str, path: Path, kind: readers.FileKind, exc: readers.NotBrightfield) -> SlideError:
     return SlideError(
         slide_id,
         f"{str(path)!r} is not a brightfield slide: this workflow reads brightfield RGB slides; {exc}",

@@ -84,7 +84,9 @@ class WsiDicomReader(RegionReader):
         except Exception as exc:
             raise ReaderRefused(f"wsidicom: not a DICOM file ({exc})") from exc
         if str(getattr(head, "SOPClassUID", "")) != VL_WSI:
-            raise ReaderRefused(f"wsidicom: not a VL Whole Slide Microscopy image ({getattr(head, 'SOPClassUID', '?')})")
+            raise ReaderRefused(
+                f"wsidicom: not a VL Whole Slide Microscopy image ({getattr(head, 'SOPClassUID', '?')})"
+            )
         files = self._series_files(path, str(getattr(head, "SeriesInstanceUID", "")))
         try:
             self._wsi = WsiDicom.open(files)
@@ -224,7 +226,9 @@ class DicomFramesReader(RegionReader):
             parse_basic_offsets(fh)  # steps over the basic offset table item
             count, starts = parse_fragments(fh)
         if count != self._frames:
-            raise ReaderRefused(f"pydicom: {count} fragments for {self._frames} frames (fragmented frames are not read)")
+            raise ReaderRefused(
+                f"pydicom: {count} fragments for {self._frames} frames (fragmented frames are not read)"
+            )
         # each offset points at an item tag (4 bytes) followed by the item length (4 bytes, little endian)
         offsets = []
         with open(self._path, "rb") as fh:
@@ -248,7 +252,9 @@ class DicomFramesReader(RegionReader):
 
         offset, length = self._offsets[index]
         if offset + length > self._size:
-            raise ReadError(f"DICOM frame {index} ends at byte {offset + length:,} but the file has {self._size:,} bytes")
+            raise ReadError(
+                f"DICOM frame {index} ends at byte {offset + length:,} but the file has {self._size:,} bytes"
+            )
         self._fh.seek(offset)
         data = self._fh.read(length)
         try:
@@ -276,12 +282,16 @@ class DicomFramesReader(RegionReader):
                 top, left = max(y, fy), max(x, fx)
                 bottom, right = min(y + height, fy + frame.shape[0]), min(x + width, fx + frame.shape[1])
                 if bottom > top and right > left:
-                    out[top - y : bottom - y, left - x : right - x] = frame[top - fy : bottom - fy, left - fx : right - fx]
+                    out[top - y : bottom - y, left - x : right - x] = frame[
+                        top - fy : bottom - fy, left - fx : right - fx
+                    ]
         return out
 
 
 def _ybr_to_rgb(ybr: np.ndarray) -> np.ndarray:
     """YBR_FULL (uncompressed) to RGB, as DICOM PS3.3 C.7.6.3.1.2 defines it."""
     y, cb, cr = (ybr[..., i].astype(np.float32) for i in range(3))
-    rgb = np.stack([y + 1.402 * (cr - 128), y - 0.344136 * (cb - 128) - 0.714136 * (cr - 128), y + 1.772 * (cb - 128)], -1)
+    rgb = np.stack(
+        [y + 1.402 * (cr - 128), y - 0.344136 * (cb - 128) - 0.714136 * (cr - 128), y + 1.772 * (cb - 128)], -1
+    )
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)

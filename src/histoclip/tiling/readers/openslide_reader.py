@@ -57,7 +57,9 @@ class OpenSlideReader:
     def tile_size(self, level: int) -> tuple[int, int] | None:
         props = self._slide.properties
         try:
-            return int(props[f"openslide.level[{level}].tile-width"]), int(props[f"openslide.level[{level}].tile-height"])
+            return int(props[f"openslide.level[{level}].tile-width"]), int(
+                props[f"openslide.level[{level}].tile-height"]
+            )
         except (KeyError, ValueError):
             return None
 

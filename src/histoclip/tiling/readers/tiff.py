@@ -20,7 +20,14 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from histoclip.tiling.readers.base import Level, NotBrightfield, ReaderRefused, ReadError, RegionReader, add_virtual_levels
+from histoclip.tiling.readers.base import (
+    Level,
+    NotBrightfield,
+    ReaderRefused,
+    ReadError,
+    RegionReader,
+    add_virtual_levels,
+)
 
 #: Photometric interpretations of 3- or 4-sample brightfield RGB pages.
 _RGB_PHOTOMETRIC = (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR)
