@@ -20,7 +20,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,conch]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,conch,czi]'
 	touch $(STAMP)
 
 demo: install

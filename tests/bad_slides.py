@@ -91,6 +91,20 @@ def strip_tiff(path: Path, side: int = 512) -> Path:
     return path
 
 
+def text_file(path: Path, text: str = "hello, this is not a slide\n") -> Path:
+    """A text file under a slide's name (a renamed note, an error page saved by a failed download)."""
+    path.write_text(text)
+    return path
+
+
+def plain_png(path: Path, side: int = 512) -> Path:
+    """A plain PNG image: no pyramid, no resolution (a screenshot or photo of a slide)."""
+    from PIL import Image
+
+    Image.fromarray(textured_rgb(side)).save(path)
+    return path
+
+
 def single_level_tiled(path: Path, side: int, tile: int = 512) -> Path:
     """A tiled but single-level TIFF of ``side`` × ``side`` pixels (tiles streamed: no full image in memory)."""
     block = textured_rgb(tile, seed=1)

@@ -11,6 +11,7 @@ owned, and not repeated here:
 | case | the run's behaviour is tested in |
 |---|---|
 | slide-unopenable, slide-unreadable-svs, slide-not-a-wsi | test_slide_tiling::test_broken_slides_fail_or_are_recorded |
+| slide-multiplex-qptiff, slide-text-named-svs, slide-plain-image | test_readers (the diagnoses, exact messages) |
 | slide-missing-mpp, slide-absurd-mpp-metadata, sheet-absurd-mpp | test_slide_tiling (mpp policy tests) |
 | slide-undecodable-tiles | test_undecodable_tiles_fail_the_embedding_job_and_keep_other_slides (below, Snakemake) |
 | slide-truncated, slide-no-tissue | this file (run_tiling tests below) |
@@ -40,9 +41,10 @@ from bad_slides import (
     copy_workflow,
     corrupt_tiles_slide,
     good_slide,
+    plain_png,
     single_level_tiled,
     snakemake,
-    strip_tiff,
+    text_file,
     truncated_slide,
     write_clinical,
     write_sheet,
@@ -233,13 +235,33 @@ CASES: dict[str, tuple[Callable[..., dict[str, Any]], Expect]] = {
         ),
         Expect("skip", "slide", ("slide 'bad'",), ("is truncated",), ("on_slide_error: record",), slide_id="bad"),
     ),
-    "slide-not-a-wsi": (
+    "slide-not-a-wsi": (  # fluorescence: said so, no advice to convert
         with_slide(lambda tmp: shared() / "tiff" / "pathml-smalltif.tif"),
-        Expect("error", "slide", ("slide 'bad'",), ("not a whole-slide format",), ("vips tiffsave",)),
+        Expect(
+            "error",
+            "slide",
+            ("slide 'bad'",),
+            ("this workflow reads brightfield RGB slides; found 1 channel of uint16",),
+            ("remove it from the cohort sheet",),
+        ),
     ),
-    "slide-single-level-strip-tiff": (
-        with_slide(lambda tmp: strip_tiff(tmp / "photo.tiff")),
-        Expect("error", "slide", ("slide 'bad'", "photo.tiff"), ("not a whole-slide format",), ("--pyramid",)),
+    "slide-multiplex-qptiff": (
+        with_slide(lambda tmp: shared() / "qptiff" / "pathml-small_vectra.qptiff"),
+        Expect("error", "slide", ("slide 'bad'",), ("brightfield RGB slides; found 3 channels of uint8",), ()),
+    ),
+    "slide-text-named-svs": (
+        with_slide(lambda tmp: text_file(tmp / "slide.svs")),
+        Expect("error", "slide", ("slide 'bad'",), ("is not an image at all: it is a text file",), ("slide image",)),
+    ),
+    "slide-plain-image": (
+        with_slide(lambda tmp: plain_png(tmp / "photo.png")),
+        Expect(
+            "error",
+            "slide",
+            ("slide 'bad'", "photo.png"),
+            ("is a PNG image, not a whole-slide format",),
+            ("histoclip convert",),
+        ),
     ),
     "slide-single-level-large": (
         with_slide(lambda tmp: single_level_tiled(tmp / "flat.tiff", 8704)),

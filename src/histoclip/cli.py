@@ -1,4 +1,5 @@
-"""The ``histoclip`` command: ``histoclip check`` runs the preflight (histoclip.preflight) outside Snakemake.
+"""The ``histoclip`` command: ``histoclip check`` runs the preflight (histoclip.preflight) outside Snakemake;
+``histoclip convert IN OUT.tiff`` rewrites a slide as a pyramidal tiled TIFF (histoclip.tiling.convert).
 
 The config is put together the way the Snakefile has Snakemake do it, so that the check sees exactly what a
 run would: the ``--configfile`` files merged in order, or ``config/config.yaml`` of the working directory when
@@ -56,7 +57,30 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--out", default="results/preflight.tsv", help="problem table (TSV)")
     check.add_argument("--slides-out", default="results/preflight_slides.tsv", help="per-slide table (TSV)")
     check.add_argument("--threads", type=int, default=None, help="threads opening slides (default: all cores)")
+    convert = commands.add_parser(
+        "convert",
+        help="rewrite a slide (or a plain PNG/JPEG image) as a pyramidal JPEG-tiled TIFF that OpenSlide reads",
+        description="Read IN with the slide readers (OpenSlide, wsidicom, pydicom, tifffile, pylibCZIrw) or Pillow, "
+        "and write OUT as a pyramidal tiled TIFF, keeping its mpp; memory stays bounded for slides of any size.",
+    )
+    convert.add_argument("input", help="the slide or image to convert")
+    convert.add_argument("output", help="the pyramidal TIFF to write (e.g. slide.tiff)")
+    convert.add_argument("--mpp", type=float, default=None, help="level-0 µm per pixel (default: the input's own)")
+    convert.add_argument("--tile", type=int, default=256, help="tile size in pixels (default: 256)")
+    convert.add_argument("--quality", type=int, default=90, help="JPEG quality (default: 90)")
     return parser
+
+
+def convert(args: argparse.Namespace) -> int:
+    from histoclip.tiling.convert import convert_to_pyramid_tiff
+
+    try:
+        result = convert_to_pyramid_tiff(args.input, args.output, mpp=args.mpp, tile=args.tile, quality=args.quality)
+    except (InputError, ValueError) as exc:
+        print(f"histoclip convert: {exc}", file=sys.stderr)
+        return 1
+    print(result.describe())
+    return 0
 
 
 def check(args: argparse.Namespace) -> int:
@@ -82,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check":
         return check(args)
+    if args.command == "convert":
+        return convert(args)
     return 2  # pragma: no cover - argparse refuses unknown commands
 
 

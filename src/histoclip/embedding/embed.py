@@ -2,7 +2,7 @@
 
 Where a cohort spends its GPU hours. The usual bottleneck is not the model but feeding it, so:
 
-- tiles are read in DataLoader worker processes, each with its own OpenSlide handles, at the pyramid level
+- tiles are read in DataLoader worker processes, each with its own slide handles, at the pyramid level
   tiling chose, and travel as uint8 (4x less than float) in pinned memory;
 - resizing and normalisation happen on the device, in the same step as the model;
 - a batch never spans two slides, and one loader (one set of workers, one model load) serves a whole
@@ -34,7 +34,7 @@ from histoclip import formats, store
 from histoclip.embedding.models import LoadedModel
 from histoclip.errors import SlideError
 from histoclip.resume import FinishedSlide, reuse_key
-from histoclip.tiling.slide import open_wsi, read_rgb, undecodable_tile_error
+from histoclip.tiling.slide import ReadError, open_wsi, read_rgb, undecodable_tile_error
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,6 @@ class TileBatches(torch.utils.data.Dataset):
         return self._handles[index]
 
     def __getitem__(self, item: int) -> tuple[int, torch.Tensor]:
-        import openslide
-
         index, start, stop = self.items[item]
         job = self.slides[index]
         slide = self._slide(index)
@@ -116,7 +114,7 @@ class TileBatches(torch.utils.data.Dataset):
         for row, (x, y) in enumerate(zip(job.x[start:stop].tolist(), job.y[start:stop].tolist(), strict=True)):
             try:
                 out[row] = read_rgb(slide, (x, y), job.read_level, (size, size))
-            except openslide.OpenSlideError as exc:
+            except ReadError as exc:
                 raise undecodable_tile_error(job.slide_id, x, y, job.read_level, exc) from exc
         return item, torch.from_numpy(out)
 

@@ -3,7 +3,8 @@
 A tile file lists one slide's kept tiles: ``x``, ``y`` (level-0 top-left corners) and ``tissue`` (the tissue
 fraction), row-major. Its footer says how the tiles were measured and are to be read (``read_level``,
 ``read_tile_px``, ``tile_level0_px``, ``tile_px``, mpp, ``status`` …). A slide recorded as failed has no rows and
-its cause in the footer. The cohort table is one row per slide made of those footers (:data:`COHORT_COLUMNS`).
+its cause in the footer; ``reader`` names the slide reader that opened the file (histoclip.tiling.readers).
+The cohort table is one row per slide made of those footers (:data:`COHORT_COLUMNS`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ COHORT_COLUMNS = (
     "status",
     "error",
     "vendor",
+    "reader",
     "level0_width",
     "level0_height",
     "level_count",

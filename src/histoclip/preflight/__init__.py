@@ -8,8 +8,9 @@ per problem** (``severity``, ``what``, ``slide_id``, ``where``, ``problem``, ``f
 - ``config``: validated against the schema (unknown keys, wrong types);
 - ``sheet``: every row of the cohort sheet (ids, paths, mpp), plus slides sharing one file;
 - ``clinical``: rows, ids shared with the sheet, at least one event; patients without a row (warnings);
-- ``slide``: each slide opened with OpenSlide, its mpp resolved by the run's policy (histoclip.tiling.slide), the
-  pyramid level tissue detection will read sized, and one tile read at the level tiling will read and one at
+- ``slide``: each slide opened by the run's readers (OpenSlide first; the reader is recorded), its mpp resolved
+  by the run's policy (histoclip.tiling.slide), the pyramid level tissue detection will read sized, and one
+  tile read at the level tiling will read and one at
   the tissue level (both decoded), with a truncated file told apart from a corrupt one;
 - ``prompts``: each prompt set parsed and validated, two or more called classes, sheet labels that are not
   classes of it (they will not be evaluated);

@@ -27,6 +27,7 @@ SLIDE_COLUMNS = (
     "status",
     "path",
     "vendor",
+    "reader",
     "level_count",
     "level0_width",
     "level0_height",
@@ -72,6 +73,7 @@ class SlideCheck:
     path: str
     status: str = "ok"
     vendor: str = ""
+    reader: str = ""
     level_count: int = 0
     level0_width: int = 0
     level0_height: int = 0
@@ -86,11 +88,9 @@ class SlideCheck:
 
 def _read_region(slide: Any, slide_id: str, path: Path, level: int, location: tuple[int, int], size: int) -> None:
     """Decode one region; a failure becomes a SlideError that says truncated or corrupt."""
-    import openslide
-
     try:
         wsi.read_rgb(slide, location, level, (size, size))
-    except openslide.OpenSlideError as exc:
+    except wsi.ReadError as exc:
         truncated = wsi.tiff_truncation(path)
         if truncated is not None:
             raise wsi.truncated_slide_error(slide_id, path, truncated) from exc
@@ -102,15 +102,11 @@ def _read_region(slide: Any, slide_id: str, path: Path, level: int, location: tu
 
 
 def _one_stored_tile(slide: Any, level: int, location: tuple[int, int], size: int) -> tuple[tuple[int, int], int]:
-    """Move a region onto the file's own tile grid (when OpenSlide reports it) and fit it in one stored tile, so
+    """Move a region onto the file's own tile grid (when the reader reports it) and fit it in one stored tile, so
     that checking it costs one decode, not up to four."""
     downsample = slide.level_downsamples[level]
     width, height = slide.level_dimensions[level]
-    try:
-        tile_w = int(slide.properties[f"openslide.level[{level}].tile-width"])
-        tile_h = int(slide.properties[f"openslide.level[{level}].tile-height"])
-    except (KeyError, ValueError):
-        tile_w = tile_h = size
+    tile_w, tile_h = slide.tile_size(level) or (size, size)
     x = min(max(0, int(location[0] / downsample)), max(0, width - 1))
     y = min(max(0, int(location[1] / downsample)), max(0, height - 1))
     x, y = x - x % tile_w, y - y % tile_h
@@ -129,7 +125,7 @@ def check_slide(record: SlideRecord, settings: SlideSettings) -> SlideCheck:
     except Exception as exc:  # anything OpenSlide or a vendor format throws that the checks above don't name
         check = SlideCheck(record.slide_id, str(record.path), status=settings.slide_severity)
         problem = f"could not be checked: {type(exc).__name__}: {exc}"
-        fix = "open the file with OpenSlide by hand to see what is wrong, or remove it from the sheet"
+        fix = "open the file by hand (OpenSlide, tifffile or pydicom) to see what is wrong, or remove it from the sheet"
         where = f"slide {record.slide_id!r} ({record.path})"
         check.problems.append(Problem(settings.slide_severity, "slide", where, problem, fix, record.slide_id))
         return check
@@ -157,7 +153,8 @@ def _check_slide(record: SlideRecord, settings: SlideSettings) -> SlideCheck:
     except SlideError as exc:
         return failed(exc)
     with slide:
-        check.vendor = slide.properties.get("openslide.vendor", "unknown")
+        check.vendor = slide.vendor
+        check.reader = slide.name
         check.level_count = slide.level_count
         check.level0_width, check.level0_height = slide.dimensions
         try:
@@ -181,8 +178,9 @@ def _check_slide(record: SlideRecord, settings: SlideSettings) -> SlideCheck:
                 "warning",
                 f"{pyramid} ({settings.tissue_mpp} µm/px): tissue detection reads level {tissue_level} whole "
                 f"({width}×{height} px, {width * height * 4 / 2**30:.1f} GiB in memory)",
-                "convert it to a pyramidal tiled TIFF (vips tiffsave --tile --pyramid) or give the tile rule "
-                "more memory (resources: mem_mb)",
+                f"convert it to a pyramidal tiled TIFF (histoclip convert {record.path} "
+                f"{Path(record.path).with_suffix('.pyramid.tiff')}) or give the tile rule more memory "
+                "(resources: mem_mb)",
             )
 
         read_level = wsi.read_level_for(slide, resolved.mpp, settings.tiling.target_mpp)

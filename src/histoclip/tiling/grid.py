@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import openslide
 
 from histoclip import formats
 from histoclip.config import SectionSettings, default_config
@@ -116,6 +115,7 @@ class SlideTiling:
     patient_id: str
     path: str
     vendor: str
+    reader: str
     level0_width: int
     level0_height: int
     level_downsamples: list[float]
@@ -142,6 +142,7 @@ class SlideTiling:
             "error": "",
             "path": self.path,
             "vendor": self.vendor,
+            "reader": self.reader,
             "level0_width": self.level0_width,
             "level0_height": self.level0_height,
             "level_count": len(self.level_downsamples),
@@ -179,7 +180,7 @@ def failed_metadata(slide_id: str, patient_id: str, path: str, error: str) -> di
 
 
 def tissue_image(
-    slide: openslide.OpenSlide, mpp: float, tissue_mpp: float, slide_id: str, path: str | Path | None = None
+    slide: wsi.SlideReader, mpp: float, tissue_mpp: float, slide_id: str, path: str | Path | None = None
 ) -> tuple[int, np.ndarray, float]:
     """(level, RGB image, its mpp) for tissue detection: the level nearest ``tissue_mpp``, downsampled to it.
 
@@ -197,7 +198,7 @@ def tissue_image(
     return level, rgb, mask_mpp
 
 
-def qc_level_for(slide: openslide.OpenSlide, thumbnail_px: int) -> int:
+def qc_level_for(slide: wsi.SlideReader, thumbnail_px: int) -> int:
     """The coarsest level still at least ``thumbnail_px`` on its longest side (or level 0 if none is)."""
     wanted = min(thumbnail_px, max(slide.dimensions))
     big_enough = [level for level, dims in enumerate(slide.level_dimensions) if max(dims) >= wanted]
@@ -243,7 +244,8 @@ def tile_slide(
             slide_id=slide_id,
             patient_id=patient_id,
             path=str(path),
-            vendor=slide.properties.get(openslide.PROPERTY_NAME_VENDOR, "unknown"),
+            vendor=slide.vendor,
+            reader=slide.name,
             level0_width=width,
             level0_height=height,
             level_downsamples=[float(d) for d in slide.level_downsamples],

@@ -5,9 +5,12 @@ and a "20x" tile is really 10x or 40x and every downstream number is silently of
 fixed order, each answer recorded with its source:
 
 1. ``sheet``: the cohort sheet's ``mpp`` column (the user knows best);
-2. ``openslide-metadata``: OpenSlide's ``openslide.mpp-x`` / ``-y`` (vendor metadata);
+2. the reader's own metadata, named after it: ``openslide-metadata`` (OpenSlide's ``openslide.mpp-x`` / ``-y``),
+   ``dicom-metadata`` (PixelSpacing), ``ome-metadata`` (OME PhysicalSizeX/Y), ``czi-metadata`` (CZI scaling);
 3. ``tiff-resolution``: the TIFF XResolution/YResolution tags of the first page (cm or inch units);
 4. ``objective-power-estimate``: 10 / objective power (20x → 0.5), a rough estimate, with a warning.
+
+Slides are opened by :func:`open_wsi` through the readers of :mod:`histoclip.tiling.readers` (OpenSlide first).
 
 Metadata values outside a plausible range (e.g. 352.78 µm/px, a 72-dpi default that TIFF writers put in)
 are ignored with a warning. If nothing usable remains, the slide fails with a message that says to add an
@@ -20,6 +23,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import openslide
@@ -27,6 +31,8 @@ from PIL import Image
 
 from histoclip.config import SectionSettings, default_config
 from histoclip.errors import SlideError
+from histoclip.tiling import readers
+from histoclip.tiling.readers import ReadError, SlideReader
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +41,25 @@ LEVEL_TOLERANCE = 0.01
 #: Two mpp values closer than this (relative) are the same resolution.
 ANISOTROPY_TOLERANCE = 0.02
 
-MPP_SOURCES = ("sheet", "openslide-metadata", "tiff-resolution", "objective-power-estimate")
+MPP_SOURCES = (
+    "sheet",
+    "openslide-metadata",
+    "dicom-metadata",
+    "ome-metadata",
+    "czi-metadata",
+    "tiff-resolution",
+    "objective-power-estimate",
+)
+
+
+#: How the mpp error names the metadata each reader looked in.
+METADATA_NAMES = {
+    "openslide": "OpenSlide",
+    "wsidicom": "DICOM",
+    "pydicom-frames": "DICOM",
+    "tifffile": "OME",
+    "pylibczirw": "CZI",
+}
 
 
 @dataclass(frozen=True)
@@ -56,32 +80,94 @@ class ResolvedMpp:
     warnings: tuple[str, ...] = ()
 
 
-def open_wsi(path: str | Path, slide_id: str) -> openslide.OpenSlide:
-    """Open ``path`` with OpenSlide, turning its exceptions into a :class:`SlideError` naming the slide.
+def open_wsi(path: str | Path, slide_id: str) -> SlideReader:
+    """Open ``path`` with the first reader that reads it (:mod:`histoclip.tiling.readers`: OpenSlide first), or
+    raise a :class:`SlideError` naming the slide and saying what the file really is.
 
     ``openslide.open_slide`` is deliberately not used: it falls back to PIL for plain images, which would
     load a whole "slide" into memory and hide that the file is not a pyramid.
     """
+    from histoclip.tiling.readers.openslide_reader import OpenSlideReader
+
     path = Path(path)
     if not path.exists():
         raise SlideError(slide_id, f"file {str(path)!r} does not exist", fix="correct the path in the cohort sheet")
-    try:
-        return openslide.OpenSlide(str(path))
-    except (openslide.OpenSlideError, OSError) as exc:
-        truncated = tiff_truncation(path)
-        if truncated is not None:
-            raise truncated_slide_error(slide_id, path, truncated) from exc
-        if isinstance(exc, openslide.OpenSlideUnsupportedFormatError):
-            raise SlideError(
-                slide_id,
-                f"{str(path)!r} is not a whole-slide format OpenSlide can read ({exc or 'unsupported format'})",
-                fix="convert it to a pyramidal tiled TIFF (e.g. with vips tiffsave --tile --pyramid) or remove it",
-            ) from exc
+    if path.is_dir():
         raise SlideError(
             slide_id,
-            f"OpenSlide cannot open {str(path)!r}: {exc}",
-            fix="the file is damaged or uses an unsupported encoding; re-export or re-scan it, or remove it",
-        ) from exc
+            f"{str(path)!r} is a folder, not a slide file",
+            fix="point the sheet's path at the slide file (for a DICOM series: any one of its .dcm files)",
+        )
+    kind = readers.sniff(path)
+    if kind.family == "empty":
+        not_an_image(slide_id, path, kind)
+    try:
+        return OpenSlideReader(path)
+    except (openslide.OpenSlideError, OSError) as exc:
+        openslide_error: Exception = exc
+    truncated = tiff_truncation(path)
+    if truncated is not None:
+        raise truncated_slide_error(slide_id, path, truncated) from openslide_error
+    reasons = [f"OpenSlide: {openslide_error or 'unsupported format'}"]
+    for reader in readers.candidates(kind):
+        try:
+            return reader(path)
+        except readers.NotBrightfield as exc:
+            raise not_brightfield_error(slide_id, path, kind, exc) from exc
+        except readers.Truncated as exc:
+            raise truncated_slide_error(slide_id, path, str(exc)) from exc
+        except Exception as exc:  # ReaderRefused, or anything a damaged file makes a reader throw
+            reasons.append(str(exc) if isinstance(exc, readers.ReaderRefused) else f"{reader.name}: {exc}")
+    raise unreadable_error(slide_id, path, kind, reasons) from openslide_error
+
+
+def not_an_image(slide_id: str, path: Path, kind: readers.FileKind) -> NoReturn:
+    """Raise the error for a file that is no image at all (text, an HTML page, a Git LFS pointer, empty)."""
+    if kind.family == "empty":
+        raise SlideError(
+            slide_id,
+            f"{str(path)!r} is not an image at all: it is empty (0 bytes)",
+            fix="copy the slide again from its source and check its size",
+        )
+    what, fix = readers.text_kind(kind.head)
+    first = kind.head.decode("utf-8", errors="replace").strip().splitlines()[0][:60] if kind.head.strip() else ""
+    raise SlideError(slide_id, f"{str(path)!r} is not an image at all: it is {what}, beginning {first!r}", fix=fix)
+
+
+def not_brightfield_error(slide_id: str, path: Path, kind: readers.FileKind, exc: readers.NotBrightfield) -> SlideError:
+    return SlideError(
+        slide_id,
+        f"{str(path)!r} is not a brightfield slide: this workflow reads brightfield RGB slides; {exc}",
+        fix="remove it from the cohort sheet (fluorescence and multiplex images need models made for them); if "
+        "it should be an H&E or IHC scan, export the brightfield scan instead (8-bit RGB)",
+    )
+
+
+def unreadable_error(slide_id: str, path: Path, kind: readers.FileKind, reasons: list[str]) -> SlideError:
+    """What is said when no reader opens a file that is an image of some kind."""
+    why = "; ".join(reasons)
+    if kind.family == "text":
+        not_an_image(slide_id, path, kind)
+    if kind.family == "image":
+        return SlideError(
+            slide_id,
+            f"{str(path)!r} is a {kind.label}, not a whole-slide format (no pyramid, no scan resolution)",
+            fix=f"convert it to a pyramidal tiled TIFF with `histoclip convert {path} {path.with_suffix('.tiff')} "
+            "--mpp MPP` (MPP: its µm per pixel) and point the sheet at the new file",
+        )
+    if kind.family in ("tiff", "dicom", "czi"):
+        return SlideError(
+            slide_id,
+            f"{str(path)!r} is a {kind.label} file that no reader can open: it is damaged, or uses an encoding "
+            f"none of them decodes ({why})",
+            fix="the file is damaged or unusually encoded; re-export or re-scan it, or remove it from the sheet",
+        )
+    return SlideError(
+        slide_id,
+        f"{str(path)!r} is a {kind.label}, not a slide format any reader here opens ({why})",
+        fix="export the slide from the scanner's software as DICOM, OME-TIFF or a tiled pyramidal TIFF, or "
+        "remove it from the sheet",
+    )
 
 
 def truncated_slide_error(slide_id: str, path: str | Path, why: str) -> SlideError:
@@ -147,13 +233,6 @@ def tiff_truncation(path: str | Path) -> str | None:
     return None
 
 
-def _from_properties(props: dict[str, str]) -> tuple[float, float] | None:
-    try:
-        return float(props[openslide.PROPERTY_NAME_MPP_X]), float(props[openslide.PROPERTY_NAME_MPP_Y])
-    except (KeyError, ValueError):
-        return None
-
-
 def tiff_resolution_mpp(path: str | Path) -> tuple[float, float] | None:
     """mpp from the first TIFF page's resolution tags, or None (not a TIFF, no tags, no physical unit)."""
     import tifffile
@@ -180,7 +259,7 @@ def tiff_resolution_mpp(path: str | Path) -> tuple[float, float] | None:
 
 
 def resolve_mpp(
-    slide: openslide.OpenSlide,
+    slide: SlideReader,
     path: str | Path,
     slide_id: str,
     sheet_mpp: float | None = None,
@@ -199,9 +278,8 @@ def resolve_mpp(
             )
         return ResolvedMpp(sheet_mpp, "sheet")
 
-    props = dict(slide.properties)
-    candidates = [  # asked in order, lazily: the TIFF tags are read only when the metadata has no answer
-        ("openslide-metadata", lambda: _from_properties(props)),
+    candidates = [  # asked in order, lazily: the TIFF tags are read only when the reader's metadata has no answer
+        (slide.mpp_source, slide.metadata_mpp),
         ("tiff-resolution", lambda: tiff_resolution_mpp(path)),
     ]
     for source, lookup in candidates:
@@ -222,11 +300,8 @@ def resolve_mpp(
             )
         return ResolvedMpp(mpp_x, source, tuple(warnings))
 
-    power = props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER)
-    try:
-        power_value = float(power) if power is not None else math.nan
-    except ValueError:
-        power_value = math.nan
+    power = slide.objective_power()
+    power_value = math.nan if power is None else power
     if math.isfinite(power_value) and power_value > 0 and (10.0 / power_value) in plausible:
         estimate = 10.0 / power_value
         warnings.append(
@@ -237,17 +312,17 @@ def resolve_mpp(
 
     raise SlideError(
         slide_id,
-        "has no usable microns-per-pixel (mpp): none in the OpenSlide metadata, the TIFF resolution tags or the "
-        "objective power" + (f" ({'; '.join(warnings)})" if warnings else ""),
+        f"has no usable microns-per-pixel (mpp): none in the {METADATA_NAMES.get(slide.name, slide.name)} metadata, "
+        "the TIFF resolution tags or the objective power" + (f" ({'; '.join(warnings)})" if warnings else ""),
         fix="add an 'mpp' column to the cohort sheet with this slide's level-0 µm/px (e.g. 0.25 for 40x, 0.5 for 20x)",
     )
 
 
-def level_mpps(slide: openslide.OpenSlide, mpp: float) -> list[float]:
+def level_mpps(slide: SlideReader, mpp: float) -> list[float]:
     return [mpp * d for d in slide.level_downsamples]
 
 
-def read_level_for(slide: openslide.OpenSlide, mpp: float, target_mpp: float) -> int:
+def read_level_for(slide: SlideReader, mpp: float, target_mpp: float) -> int:
     """The coarsest pyramid level that is not coarser than ``target_mpp`` (then resized down to it).
 
     Reading level 0 of a 40x slide for 0.5 µm/px tiles would decode four times the pixels needed.
@@ -257,29 +332,24 @@ def read_level_for(slide: openslide.OpenSlide, mpp: float, target_mpp: float) ->
     return max(fine_enough, key=lambda level: mpps[level]) if fine_enough else 0
 
 
-def nearest_level(slide: openslide.OpenSlide, mpp: float, wanted_mpp: float) -> int:
+def nearest_level(slide: SlideReader, mpp: float, wanted_mpp: float) -> int:
     """The level whose mpp is nearest to ``wanted_mpp`` on a log scale; ties go to the coarser level."""
     distances = [(abs(math.log(m / wanted_mpp)), -m) for m in level_mpps(slide, mpp)]
     return min(range(len(distances)), key=lambda i: (round(distances[i][0], 6), distances[i][1]))
 
 
-def read_rgb(slide: openslide.OpenSlide, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-    """``read_region`` as an RGB uint8 array, transparent (unscanned) pixels composited onto white."""
-    region = slide.read_region(location, level, size)
-    rgba = np.asarray(region)
-    rgb = rgba[..., :3].copy()
-    transparent = rgba[..., 3] == 0
-    if transparent.any():
-        rgb[transparent] = 255
-    return rgb
+def read_rgb(slide: SlideReader, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+    """An RGB uint8 region (``location`` in level-0 pixels, ``size`` at ``level``), unscanned pixels white; raises
+    :class:`~histoclip.tiling.readers.ReadError` for data that cannot be decoded."""
+    return slide.read_rgb(location, level, size)
 
 
-def read_level_rgb(slide: openslide.OpenSlide, level: int, slide_id: str, path: str | Path | None = None) -> np.ndarray:
+def read_level_rgb(slide: SlideReader, level: int, slide_id: str, path: str | Path | None = None) -> np.ndarray:
     """A whole pyramid level as RGB, for tissue detection and thumbnails; read errors name the slide (and say
     when the file is truncated, given its ``path``)."""
     try:
-        return read_rgb(slide, (0, 0), level, slide.level_dimensions[level])
-    except openslide.OpenSlideError as exc:
+        return slide.read_level_rgb(level)
+    except ReadError as exc:
         truncated = tiff_truncation(path) if path is not None else None
         if truncated is not None:
             raise truncated_slide_error(slide_id, path, truncated) from exc

@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import openslide
 import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from histoclip import formats
 from histoclip.errors import InputError
-from histoclip.tiling.slide import open_wsi, read_level_for, read_rgb, undecodable_tile_error
+from histoclip.tiling.slide import ReadError, open_wsi, read_level_for, read_rgb, undecodable_tile_error
 from histoclip.training.pairs import pair_kind
 
 
@@ -173,7 +172,7 @@ class PairImages(torch.utils.data.Dataset):
             px = max(1, round(tile0 / slide.level_downsamples[level]))
         try:
             rgb = read_rgb(slide, (int(x), int(y)), int(level), (int(px), int(px)))
-        except openslide.OpenSlideError as exc:
+        except ReadError as exc:
             raise undecodable_tile_error(
                 slide_id,
                 x,

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import openslide
 import pandas as pd
 from matplotlib import colormaps
 from matplotlib.cm import ScalarMappable
@@ -168,7 +167,7 @@ def top_tiles(scores: np.ndarray, n: int) -> np.ndarray:
 
 
 def read_tiles(
-    slide: openslide.OpenSlide, layout: TileLayout, x: Sequence[int] | np.ndarray, y: Sequence[int] | np.ndarray
+    slide: wsi.SlideReader, layout: TileLayout, x: Sequence[int] | np.ndarray, y: Sequence[int] | np.ndarray
 ) -> np.ndarray:
     """The tiles at level-0 corners (x, y) as the embedding step read them, at ``tile_px`` (uint8 [N, t, t, 3]).
 
@@ -181,7 +180,7 @@ def read_tiles(
     for i, (tx, ty) in enumerate(zip(np.asarray(x).tolist(), np.asarray(y).tolist(), strict=True)):
         try:
             rgb = wsi.read_rgb(slide, (int(tx), int(ty)), layout.read_level, (layout.read_tile_px,) * 2)
-        except openslide.OpenSlideError as exc:
+        except wsi.ReadError as exc:
             raise wsi.undecodable_tile_error(layout.slide_id, tx, ty, layout.read_level, exc) from exc
         out[i] = wsi.resize_rgb(np.ascontiguousarray(rgb[:exact, :exact]), (layout.tile_px, layout.tile_px))
     return out
