@@ -233,6 +233,36 @@ def qc_level_for(slide: openslide.OpenSlide, thumbnail_px: int) -> int:
     return max(big_enough) if big_enough else 0
 
 
+#: The largest level (pixels) read for a failed slide's QC image: a failed slide never costs a level-0 read.
+FAILED_THUMBNAIL_MAX_PX = 4096 * 4096
+
+
+def failed_slide_thumbnail(path: str | Path, slide_id: str, thumbnail_px: int) -> np.ndarray | None:
+    """What of a failed slide can still be read for its QC image (RGB), or None.
+
+    Levels are tried from the coarsest one at least ``thumbnail_px`` on its longest side, then the coarser ones,
+    then finer ones up to :data:`FAILED_THUMBNAIL_MAX_PX`: a damaged tissue level may have intact neighbours. Each
+    try opens the slide again, because an OpenSlide handle keeps failing once a read has failed.
+    """
+    try:
+        with wsi.open_wsi(path, slide_id) as slide:
+            dims = [tuple(d) for d in slide.level_dimensions]
+    except Exception:  # not openable at all: the image is text only
+        return None
+    wanted = min(thumbnail_px, max(dims[0]))
+    big = sorted((lv for lv, d in enumerate(dims) if max(d) >= wanted), key=lambda lv: dims[lv][0] * dims[lv][1])
+    small = sorted((lv for lv, d in enumerate(dims) if max(d) < wanted), key=lambda lv: -dims[lv][0] * dims[lv][1])
+    for level in [big[0], *small, *big[1:]] if big else small:
+        if dims[level][0] * dims[level][1] > FAILED_THUMBNAIL_MAX_PX:
+            continue
+        try:
+            with wsi.open_wsi(path, slide_id) as slide:
+                return wsi.read_level_rgb(slide, level, slide_id)
+        except Exception:  # this level is damaged too: try the next
+            continue
+    return None
+
+
 def tile_slide(
     path: str | Path,
     slide_id: str,
@@ -332,8 +362,9 @@ def run_tiling(
 
     With ``on_slide_error="record"`` an unreadable slide is written as an empty tile table with
     ``status = "error"`` and the cause, so the rest of the cohort goes on and the failure is visible in the
-    cohort table. With ``"fail"`` the :class:`SlideError` propagates and nothing is written. A slide without a
-    single tissue tile counts as unreadable (:func:`no_tissue_error`).
+    cohort table; its QC image shows the error beside what of the slide can still be read
+    (:func:`failed_slide_thumbnail`). With ``"fail"`` the :class:`SlideError` propagates and nothing is written. A
+    slide without a single tissue tile counts as unreadable (:func:`no_tissue_error`).
     """
     defaults = default_config()
     on_slide_error = defaults["on_slide_error"] if on_slide_error is None else on_slide_error
@@ -347,7 +378,8 @@ def run_tiling(
             raise
         meta = failed_metadata(slide_id, tiling_kwargs.get("patient_id", ""), str(path), str(exc))
         formats.write_tile_file(tiles_out, meta)
-        qc.save_png(qc.error_thumbnail(slide_id, str(exc)), qc_out)
+        thumbnail = failed_slide_thumbnail(path, slide_id, qc_thumbnail_px)
+        qc.save_png(qc.error_thumbnail(slide_id, str(exc), thumbnail=thumbnail), qc_out)
         return meta
     meta = tiling.metadata()
     formats.write_tile_file(tiles_out, meta, tiling.grid.x, tiling.grid.y, tiling.grid.tissue)
