@@ -24,6 +24,7 @@ for _shard, _slides in tiling_shards().items():
         params:
             slides=slide_tiling_settings(_slides),
             settings=tiling_settings(),
+            mpp_cells=slide_mpp_cells(_slides),
         log:
             f"results/logs/tile/{_shard}.log",
         threads: min(config["tiling"]["threads"], len(_slides))

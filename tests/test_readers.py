@@ -13,6 +13,7 @@ with tiling the original read by OpenSlide.
 from __future__ import annotations
 
 import tracemalloc
+from dataclasses import replace
 from pathlib import Path
 
 import imagecodecs
@@ -31,7 +32,7 @@ from histoclip.preflight.slides import SlideSettings, check_slide
 from histoclip.sheets import SlideRecord
 from histoclip.tiling import slide as wsi
 from histoclip.tiling.convert import convert_to_pyramid_tiff
-from histoclip.tiling.grid import run_tiling, tile_slide
+from histoclip.tiling.grid import TilingParams, run_tiling, tile_slide
 from histoclip.tiling.readers import base
 
 CMU = ("svs", "CMU-1-Small-Region.svs")
@@ -166,7 +167,8 @@ def test_jpeg_ls_dicom_openslide_rejects_is_read_by_wsidicom(shared_data, tmp_pa
     with wsi.open_wsi(path, "jls") as slide:
         assert slide.name == "wsidicom"
         np.testing.assert_array_equal(wsi.read_rgb(slide, (0, 0), 0, (16, 16)), expected)  # lossless
-    tiling = tile_slide(path, "jls", params=None, tissue_params=None)
+    tiny_tiles = replace(TilingParams.from_config(default_config()), tile_px=4, min_tissue_fraction=0.0)
+    tiling = tile_slide(path, "jls", params=tiny_tiles, tissue_params=None)  # 16×16 px: smaller than a default tile
     assert tiling.mpp == pytest.approx(0.499) and tiling.mpp_source == "dicom-metadata"
 
 

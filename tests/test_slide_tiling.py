@@ -80,9 +80,15 @@ def test_cmu_small_region_aperio(shared_data, tmp_path):
 
 @pytest.mark.shared_data
 def test_openslide_fixtures_small_svs_and_dicom(shared_data):
-    small = tile_slide(shared_data / "synthetic" / "openslide-python-small.svs", "small")
+    with pytest.raises(SlideError, match="is smaller than one tile: level 0 is 16×16 px at 0.499 µm/px"):
+        tile_slide(shared_data / "synthetic" / "openslide-python-small.svs", "small")  # a 224-px tile: 224² px
+    small = tile_slide(
+        shared_data / "synthetic" / "openslide-python-small.svs",
+        "small",
+        params=replace(TilingParams.from_config(default_config()), tile_px=4, min_tissue_fraction=0.0),
+    )
     assert small.vendor == "aperio" and small.mpp == pytest.approx(0.499)
-    assert len(small.grid) == 0  # 16 × 16 px is smaller than one 224-px tile
+    assert len(small.grid) == 16  # 4-px tiles fit
     dicom = tile_slide(
         shared_data / "synthetic" / "openslide-python-boxes-dicom" / "openslide-python-boxes_0.dcm",
         "boxes-dicom",
@@ -124,7 +130,7 @@ def test_mpp_estimated_from_objective_power_with_warning(tmp_path):
     path = write_aperio_like(tmp_path / "mag.svs", app_mag=40)
     tiling = tile_slide(path, "mag")
     assert tiling.mpp == pytest.approx(0.25) and tiling.mpp_source == "objective-power-estimate"
-    assert any("objective power" in w and "add an mpp column" in w for w in tiling.warnings)
+    assert any("objective power" in w and "add an 'mpp' column" in w for w in tiling.warnings)
 
 
 def test_slide_without_mpp_anywhere_fails_clearly_then_works_with_sheet_mpp(tmp_path):

@@ -20,6 +20,13 @@ def slide_tiling_settings(slide_ids):
     return {slide: {"patient_id": records[slide].patient_id, "sheet_mpp": records[slide].mpp} for slide in slide_ids}
 
 
+def slide_mpp_cells(slide_ids):
+    """{slide: where its cell of the sheet's mpp column is, or "" without such a column}: for the message of a
+    slide without mpp metadata only, so kept apart from the settings that decide its tiles."""
+    records = cohort()
+    return {slide: records[slide].mpp_cell for slide in slide_ids}
+
+
 def tile_files(wildcards=None):
     return expand("results/tiles/{slide}.parquet", slide=slide_ids())
 

@@ -9,7 +9,9 @@ from histoclip.tiling.shards import SlideToTile, tile_shard
 
 with rule_log(snakemake.log[0], "histoclip.tile") as log:
     slides = [
-        SlideToTile(slide_id, path, tiles, qc, {**snakemake.params.settings, **own})
+        SlideToTile(
+            slide_id, path, tiles, qc, {**snakemake.params.settings, **own}, snakemake.params.mpp_cells[slide_id]
+        )
         for (slide_id, own), path, tiles, qc in zip(
             snakemake.params.slides.items(),
             snakemake.input.slides,

@@ -34,6 +34,9 @@ class SlideRecord:
     mpp: float | None = None
     label: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    #: Where this slide's ``mpp`` cell is (file, line, column) when the sheet has an ``mpp`` column, else "": a
+    #: slide without mpp metadata is then told to fill in that cell, not to add a column the sheet already has.
+    mpp_cell: str = ""
 
 
 def _line(index: int) -> int:
@@ -182,7 +185,8 @@ def _slide_record(
         mpp = _parse_positive_float(row["mpp"], where=where("mpp"), what="mpp")
     label = row["label"] if "label" in columns and row["label"] else None
     extra = {c: row[c] for c in columns if c not in (*SHEET_COLUMNS, "mpp", "label")}
-    return SlideRecord(slide_id, row["patient_id"], slide_path, mpp, label, extra)
+    mpp_cell = where("mpp") if "mpp" in columns else ""
+    return SlideRecord(slide_id, row["patient_id"], slide_path, mpp, label, extra, mpp_cell)
 
 
 def read_cohort_sheet(path: str | Path, *, check_files: bool = True) -> list[SlideRecord]:

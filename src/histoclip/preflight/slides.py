@@ -143,7 +143,7 @@ def _check_slide(record: SlideRecord, settings: SlideSettings) -> SlideCheck:
         check.status = settings.slide_severity
         fix = error.fix or ""
         if settings.on_slide_error == "record":
-            fix = f"{fix} (on_slide_error: record, so the run records this slide as failed and goes on)".strip()
+            fix = grid.on_slide_error_fix(fix, "record").strip()
         add(settings.slide_severity, error.problem, fix)
         check.seconds = time.perf_counter() - started
         return check
@@ -158,12 +158,14 @@ def _check_slide(record: SlideRecord, settings: SlideSettings) -> SlideCheck:
         check.level_count = slide.level_count
         check.level0_width, check.level0_height = slide.dimensions
         try:
-            resolved = wsi.resolve_mpp(slide, record.path, record.slide_id, record.mpp, settings.plausible)
+            resolved = wsi.resolve_mpp(
+                slide, record.path, record.slide_id, record.mpp, settings.plausible, mpp_cell=record.mpp_cell
+            )
         except SlideError as exc:
             return failed(exc)
         check.level0_mpp, check.mpp_source = resolved.mpp, resolved.source
         for warning in resolved.warnings:
-            fix = "add this slide's mpp to the sheet's 'mpp' column" if "objective power" in warning else ""
+            fix = wsi.sheet_mpp_fix(record.mpp_cell) if "objective power" in warning else ""
             add("warning", warning, fix)
         for warning in wsi.check_target(resolved.mpp, settings.tiling.target_mpp, record.slide_id):
             add("warning", warning, "accept upsampled tiles, or set tiling.target_mpp to at least the scan's mpp")
@@ -197,6 +199,10 @@ def _check_slide(record: SlideRecord, settings: SlideSettings) -> SlideCheck:
                 _read_region(slide, record.slide_id, record.path, level, location, size)
         except SlideError as exc:
             return failed(exc)
+        # after the reads, as tiling does: a damaged file is said to be damaged first
+        too_small = grid.too_small_error(record.slide_id, slide.dimensions, resolved.mpp, settings.tiling)
+        if too_small is not None:
+            return failed(too_small)
     check.seconds = time.perf_counter() - started
     return check
 

@@ -167,6 +167,35 @@ class SlideTiling:
         }
 
 
+def too_small_error(slide_id: str, level0_size: tuple[int, int], mpp: float, params: TilingParams) -> SlideError | None:
+    """The error for a slide smaller than one tile at the target resolution (None when a tile fits).
+
+    Such a slide can give no tile whatever its tissue, so it is told apart from "no tissue tile" (whose fix is
+    about staining and thresholds) and caught by the preflight before any job runs: what is in the sheet is
+    usually a thumbnail, label image or crop instead of the slide.
+    """
+    width, height = level0_size
+    tile_px = tile_level0_px(params, mpp)
+    if width >= tile_px and height >= tile_px:
+        return None
+    return SlideError(
+        slide_id,
+        f"is smaller than one tile: level 0 is {width}×{height} px at {mpp:.4g} µm/px "
+        f"({width * mpp:.4g}×{height * mpp:.4g} µm), and a {params.tile_px}-px tile at {params.target_mpp} µm/px "
+        f"needs {tile_px}×{tile_px} level-0 px ({tile_px * mpp:.4g}×{tile_px * mpp:.4g} µm)",
+        fix="check that the sheet's path is the whole-slide image, not a thumbnail, label image or crop, and "
+        "remove the row if it is not a slide",
+    )
+
+
+def on_slide_error_fix(fix: str, on_slide_error: str) -> str:
+    """``fix`` with what ``on_slide_error`` means for the slide: under ``fail``, that ``record`` would record it and
+    go on; under ``record``, that the run does so. Never advice to set what is already set."""
+    if on_slide_error == "record":
+        return f"{fix} (on_slide_error: record, so the run records this slide as failed and goes on)"
+    return f"{fix}; or set on_slide_error: record to record the slide as failed and go on"
+
+
 def failed_metadata(slide_id: str, patient_id: str, path: str, error: str) -> dict[str, Any]:
     """Metadata of a slide recorded as failed (``on_slide_error: record``): no tiles, the cause kept."""
     return {
@@ -205,6 +234,36 @@ def qc_level_for(slide: wsi.SlideReader, thumbnail_px: int) -> int:
     return max(big_enough) if big_enough else 0
 
 
+#: The largest level (pixels) read for a failed slide's QC image: a failed slide never costs a level-0 read.
+FAILED_THUMBNAIL_MAX_PX = 4096 * 4096
+
+
+def failed_slide_thumbnail(path: str | Path, slide_id: str, thumbnail_px: int) -> np.ndarray | None:
+    """What of a failed slide can still be read for its QC image (RGB), or None.
+
+    Levels are tried from the coarsest one at least ``thumbnail_px`` on its longest side, then the coarser ones,
+    then finer ones up to :data:`FAILED_THUMBNAIL_MAX_PX`: a damaged tissue level may have intact neighbours. Each
+    try opens the slide again, because an OpenSlide handle keeps failing once a read has failed.
+    """
+    try:
+        with wsi.open_wsi(path, slide_id) as slide:
+            dims = [tuple(d) for d in slide.level_dimensions]
+    except Exception:  # not openable at all: the image is text only
+        return None
+    wanted = min(thumbnail_px, max(dims[0]))
+    big = sorted((lv for lv, d in enumerate(dims) if max(d) >= wanted), key=lambda lv: dims[lv][0] * dims[lv][1])
+    small = sorted((lv for lv, d in enumerate(dims) if max(d) < wanted), key=lambda lv: -dims[lv][0] * dims[lv][1])
+    for level in [big[0], *small, *big[1:]] if big else small:
+        if dims[level][0] * dims[level][1] > FAILED_THUMBNAIL_MAX_PX:
+            continue
+        try:
+            with wsi.open_wsi(path, slide_id) as slide:
+                return wsi.read_level_rgb(slide, level, slide_id)
+        except Exception:  # this level is damaged too: try the next
+            continue
+    return None
+
+
 def tile_slide(
     path: str | Path,
     slide_id: str,
@@ -216,11 +275,14 @@ def tile_slide(
     tissue_mpp: float | None = None,
     plausible_mpp: wsi.MppRange | None = None,
     qc_thumbnail_px: int | None = None,
+    sheet_mpp_cell: str = "",
 ) -> SlideTiling:
     """Open a slide, resolve its mpp, detect tissue on a low-resolution level and lay the tile grid.
 
-    A setting left out takes the config schema's default. Raises :class:`histoclip.errors.SlideError` (naming
-    the slide and the cause) for unreadable slides.
+    A setting left out takes the config schema's default; ``sheet_mpp_cell`` is where the slide's empty cell of
+    the sheet's ``mpp`` column is, if the sheet has one (see :func:`histoclip.tiling.slide.resolve_mpp`). Raises
+    :class:`histoclip.errors.SlideError` (naming the slide and the cause) for unreadable slides and for slides
+    smaller than one tile.
     """
     defaults = default_config()
     params = params or TilingParams.from_config(defaults)
@@ -229,9 +291,12 @@ def tile_slide(
     plausible_mpp = plausible_mpp or wsi.MppRange.from_config(defaults)
     qc_thumbnail_px = defaults["qc"]["thumbnail_px"] if qc_thumbnail_px is None else qc_thumbnail_px
     with wsi.open_wsi(path, slide_id) as slide:
-        resolved = wsi.resolve_mpp(slide, path, slide_id, sheet_mpp, plausible_mpp)
+        resolved = wsi.resolve_mpp(slide, path, slide_id, sheet_mpp, plausible_mpp, mpp_cell=sheet_mpp_cell)
         warnings = [*resolved.warnings, *wsi.check_target(resolved.mpp, params.target_mpp, slide_id)]
         level, rgb, mask_mpp = tissue_image(slide, resolved.mpp, tissue_mpp, slide_id, path)
+        too_small = too_small_error(slide_id, slide.dimensions, resolved.mpp, params)
+        if too_small is not None:  # after the first read: a damaged file is said to be damaged first
+            raise too_small
         mask = detect_tissue(rgb, mask_mpp, tissue_params)
         grid = tile_grid(mask, slide.dimensions, resolved.mpp, params)
         qc_level = qc_level_for(slide, qc_thumbnail_px)
@@ -266,16 +331,20 @@ def tile_slide(
         )
 
 
-def no_tissue_error(tiling: SlideTiling) -> SlideError:
+def no_tissue_error(tiling: SlideTiling, on_slide_error: str = "fail") -> SlideError:
     """A slide without a single tile is an input problem, not a result: it would drop out of every analysis
-    without a word. Blank or failed scans are the usual cause, faint staining the other."""
+    without a word. Blank or failed scans are the usual cause, faint staining the other. The fix depends on
+    ``on_slide_error`` (:func:`on_slide_error_fix`)."""
     params = tiling.params
     return SlideError(
         tiling.slide_id,
         f"has no tissue tile: no {params.tile_px}-px tile at {params.target_mpp} µm/px is at least "
         f"{params.min_tissue_fraction:.0%} tissue (tissue found: {tiling.tissue_area_mm2:.3g} mm²)",
-        fix="look at the slide; remove a blank or failed scan from the sheet (or set on_slide_error: record to "
-        "record it and go on); for faint tissue lower tissue.min_saturation or tiling.min_tissue_fraction",
+        fix=on_slide_error_fix(
+            "look at the slide; remove a blank or failed scan from the sheet; for faint tissue lower "
+            "tissue.min_saturation or tiling.min_tissue_fraction",
+            on_slide_error,
+        ),
     )
 
 
@@ -295,8 +364,9 @@ def run_tiling(
 
     With ``on_slide_error="record"`` an unreadable slide is written as an empty tile table with
     ``status = "error"`` and the cause, so the rest of the cohort goes on and the failure is visible in the
-    cohort table. With ``"fail"`` the :class:`SlideError` propagates and nothing is written. A slide without a
-    single tissue tile counts as unreadable (:func:`no_tissue_error`).
+    cohort table; its QC image shows the error beside what of the slide can still be read
+    (:func:`failed_slide_thumbnail`). With ``"fail"`` the :class:`SlideError` propagates and nothing is written. A
+    slide without a single tissue tile counts as unreadable (:func:`no_tissue_error`).
     """
     defaults = default_config()
     on_slide_error = defaults["on_slide_error"] if on_slide_error is None else on_slide_error
@@ -304,13 +374,14 @@ def run_tiling(
     try:
         tiling = tile_slide(path, slide_id, **tiling_kwargs)
         if len(tiling.grid) == 0:
-            raise no_tissue_error(tiling)
+            raise no_tissue_error(tiling, on_slide_error)
     except SlideError as exc:
         if on_slide_error != "record":
             raise
         meta = failed_metadata(slide_id, tiling_kwargs.get("patient_id", ""), str(path), str(exc))
         formats.write_tile_file(tiles_out, meta)
-        qc.save_png(qc.error_thumbnail(slide_id, str(exc)), qc_out)
+        thumbnail = failed_slide_thumbnail(path, slide_id, qc_thumbnail_px)
+        qc.save_png(qc.error_thumbnail(slide_id, str(exc), thumbnail=thumbnail), qc_out)
         return meta
     meta = tiling.metadata()
     formats.write_tile_file(tiles_out, meta, tiling.grid.x, tiling.grid.y, tiling.grid.tissue)
@@ -328,9 +399,16 @@ def run_tiling(
 
 
 def run_tiling_from_settings(
-    path: str | Path, slide_id: str, tiles_out: str | Path, qc_out: str | Path, settings: dict[str, Any]
+    path: str | Path,
+    slide_id: str,
+    tiles_out: str | Path,
+    qc_out: str | Path,
+    settings: dict[str, Any],
+    *,
+    sheet_mpp_cell: str = "",
 ) -> dict[str, Any]:
-    """:func:`run_tiling` with the validated config sections the tile rule passes (see rules/common.smk)."""
+    """:func:`run_tiling` with the validated config sections the tile rule passes (see rules/common.smk), and
+    where the slide's empty sheet mpp cell is (for messages only: not a setting)."""
     return run_tiling(
         path,
         slide_id,
@@ -344,4 +422,5 @@ def run_tiling_from_settings(
         tissue_mpp=settings["tissue"]["mpp"],
         plausible_mpp=wsi.MppRange.from_config(settings),
         qc_thumbnail_px=settings["qc_thumbnail_px"],
+        sheet_mpp_cell=sheet_mpp_cell,
     )

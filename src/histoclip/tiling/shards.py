@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from histoclip.errors import InputError, InputErrors
+from histoclip.logs import FILE_ONLY
 from histoclip.resume import FinishedSlide, reuse_key
 from histoclip.tiling.grid import run_tiling_from_settings
 
@@ -39,6 +40,9 @@ class SlideToTile:
     tiles_out: str
     qc_out: str
     settings: dict[str, Any]
+    #: Where the slide's empty cell of the sheet's ``mpp`` column is, if the sheet has one: for messages only, so
+    #: not part of the settings (which make the reuse key: reordering the sheet must not re-tile anything).
+    sheet_mpp_cell: str = ""
 
 
 @dataclass
@@ -73,7 +77,9 @@ def finished_slide(slide: SlideToTile) -> FinishedSlide:
 
 
 def _tile_one(slide: SlideToTile) -> dict[str, Any]:
-    return run_tiling_from_settings(slide.path, slide.slide_id, slide.tiles_out, slide.qc_out, slide.settings)
+    return run_tiling_from_settings(
+        slide.path, slide.slide_id, slide.tiles_out, slide.qc_out, slide.settings, sheet_mpp_cell=slide.sheet_mpp_cell
+    )
 
 
 def tile_shard(slides: Sequence[SlideToTile], threads: int = 1) -> TilingShardReport:
@@ -82,7 +88,9 @@ def tile_shard(slides: Sequence[SlideToTile], threads: int = 1) -> TilingShardRe
 
     With ``on_slide_error: record`` an unreadable slide is written with status "error" and is not an error here;
     with ``fail`` its :class:`~histoclip.errors.SlideError` is raised (several: one
-    :class:`~histoclip.errors.InputErrors` naming each slide).
+    :class:`~histoclip.errors.InputErrors` naming each slide). A failed slide is logged when it fails to the log
+    file only, with its traceback: the console gets it once, from the error raised at the end
+    (:mod:`histoclip.logs`).
     """
     report = TilingShardReport()
     todo: list[tuple[SlideToTile, FinishedSlide]] = []
@@ -97,7 +105,7 @@ def tile_shard(slides: Sequence[SlideToTile], threads: int = 1) -> TilingShardRe
 
     def finished(slide: SlideToTile, kept: FinishedSlide, meta: dict[str, Any] | None, error: Exception | None) -> None:
         if error is not None:
-            log.error("slide %s could not be tiled: %s", slide.slide_id, error)
+            log.error("slide %s could not be tiled: %s", slide.slide_id, error, exc_info=error, extra=FILE_ONLY)
             report.errors[slide.slide_id] = error
             return
         assert meta is not None

@@ -264,9 +264,12 @@ def resolve_mpp(
     slide_id: str,
     sheet_mpp: float | None = None,
     plausible: MppRange | None = None,
+    *,
+    mpp_cell: str = "",
 ) -> ResolvedMpp:
     """Level-0 mpp of ``slide`` by the policy in this module's docstring (``plausible``: the config's range,
-    by default the schema's)."""
+    by default the schema's). ``mpp_cell``: where the slide's empty cell of the sheet's ``mpp`` column is (file,
+    line), or "" when the sheet has no such column; it decides what the message says to do."""
     plausible = plausible or MppRange.from_config(default_config())
     warnings: list[str] = []
     if sheet_mpp is not None:
@@ -306,16 +309,27 @@ def resolve_mpp(
         estimate = 10.0 / power_value
         warnings.append(
             f"slide {slide_id!r}: no mpp in the metadata; estimating {estimate:.3g} µm/px from objective power "
-            f"{power_value:g}x. Scanners differ by up to ~10 %: add an mpp column to the cohort sheet to be exact."
+            f"{power_value:g}x. Scanners differ by up to ~10 %: " + sheet_mpp_fix(mpp_cell, "to be exact")
         )
         return ResolvedMpp(estimate, "objective-power-estimate", tuple(warnings))
 
     raise SlideError(
         slide_id,
         f"has no usable microns-per-pixel (mpp): none in the {METADATA_NAMES.get(slide.name, slide.name)} metadata, "
-        "the TIFF resolution tags or the objective power" + (f" ({'; '.join(warnings)})" if warnings else ""),
-        fix="add an 'mpp' column to the cohort sheet with this slide's level-0 µm/px (e.g. 0.25 for 40x, 0.5 for 20x)",
+        "the TIFF resolution tags or the objective power"
+        + (", and its cell in the cohort sheet's 'mpp' column is empty" if mpp_cell else "")
+        + (f" ({'; '.join(warnings)})" if warnings else ""),
+        fix=sheet_mpp_fix(mpp_cell, "(e.g. 0.25 for 40x, 0.5 for 20x)"),
     )
+
+
+def sheet_mpp_fix(mpp_cell: str, why: str = "") -> str:
+    """How to give a slide's mpp in the cohort sheet: fill in its empty cell (``mpp_cell``: file, line, column)
+    when the sheet has an ``mpp`` column, add the column when it has none."""
+    what = "this slide's level-0 µm/px" + (f" {why}" if why else "")
+    if mpp_cell:
+        return f"fill in this slide's empty cell of the cohort sheet's 'mpp' column ({mpp_cell}) with {what}"
+    return f"add an 'mpp' column to the cohort sheet with {what}"
 
 
 def level_mpps(slide: SlideReader, mpp: float) -> list[float]:
