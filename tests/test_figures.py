@@ -96,6 +96,28 @@ def test_cohort_qc_figure_data_sorted_with_failures():
     _, data = cohort_qc_figure(cohort, FigureStyle.from_config(default_config()))
     assert data["slide_id"].tolist() == ["c", "a", "b"]
     assert data["n_tiles"].tolist() == [30, 10, 0]
+    assert data["mpp_source"].tolist() == ["sheet", "openslide-metadata", "none (failed first)"]
+
+
+def test_a_failed_slide_keeps_the_mpp_its_metadata_had(tmp_path):
+    """Recorded failures carry what was read before the failure: the cohort table (and its QC figure) shows the
+    mpp and its source for a slide whose tiles are damaged or that has no tissue, and none for a text file."""
+    from bad_slides import blank_slide, corrupt_tiles_slide, text_file
+
+    from histoclip.formats import read_tile_metadata
+    from histoclip.tiling.grid import run_tiling
+
+    metas = {}
+    for name, make in (("damaged", corrupt_tiles_slide), ("blank", blank_slide), ("text", text_file)):
+        path = make(tmp_path / f"{name}.{'svs' if name == 'text' else 'tiff'}")
+        tiles = tmp_path / f"{name}.parquet"
+        run_tiling(path, name, tiles, tmp_path / f"{name}.png", on_slide_error="record")
+        metas[name] = read_tile_metadata(tiles)
+    assert {name: meta["status"] for name, meta in metas.items()} == dict.fromkeys(metas, "error")
+    for name in ("damaged", "blank"):
+        assert metas[name]["level0_mpp"] == pytest.approx(0.5) and metas[name]["mpp_source"] == "openslide-metadata"
+        assert metas[name]["reader"] == "openslide" and metas[name]["n_tiles"] == 0
+    assert "level0_mpp" not in metas["text"] and "not an image" in metas["text"]["error"]
 
 
 def test_save_figure_writes_each_format_with_source_data_and_the_styles_size(tmp_path):

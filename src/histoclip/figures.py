@@ -48,7 +48,12 @@ def cohort_qc_figure(cohort: pd.DataFrame, style: FigureStyle) -> tuple[Figure, 
         area_ax.hist(area, bins=min(20, max(5, len(area) // 2)), color="#009E73")
         area_ax.set_xlabel("tissue area (mm²)")
         area_ax.set_ylabel("slides")
-        counts = table["mpp_source"].fillna("").astype(str).replace("", "unknown").value_counts()
+        source = table["mpp_source"].fillna("").astype(str)
+        # a failed slide keeps the source its metadata gave (histoclip.tiling.grid.slide_facts); only a slide that
+        # failed before its mpp could be resolved has none, and says so rather than "unknown"
+        source = source.mask((source == "") & ~ok, "none (failed first)").replace("", "unknown")
+        table = table.assign(mpp_source=source)  # the source data says what the bars count
+        counts = source.value_counts()
         source_ax.barh(counts.index, counts.to_numpy(), color="#CC79A7")
         source_ax.set_xlabel("slides")
         source_ax.set_title("mpp taken from", fontsize=style.font_size)

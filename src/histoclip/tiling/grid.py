@@ -196,9 +196,14 @@ def on_slide_error_fix(fix: str, on_slide_error: str) -> str:
     return f"{fix}; or set on_slide_error: record to record the slide as failed and go on"
 
 
-def failed_metadata(slide_id: str, patient_id: str, path: str, error: str) -> dict[str, Any]:
-    """Metadata of a slide recorded as failed (``on_slide_error: record``): no tiles, the cause kept."""
+def failed_metadata(
+    slide_id: str, patient_id: str, path: str, error: str, known: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Metadata of a slide recorded as failed (``on_slide_error: record``): no tiles, the cause kept, and what was
+    learnt of the slide before it failed (``known``: reader, size, mpp and its source), so the cohort table and its
+    QC figure do not call an mpp "unknown" that the metadata had."""
     return {
+        **(known or {}),
         "slide_id": slide_id,
         "patient_id": patient_id,
         "status": "error",
@@ -206,6 +211,31 @@ def failed_metadata(slide_id: str, patient_id: str, path: str, error: str) -> di
         "path": path,
         "n_tiles": 0,
     }
+
+
+def slide_facts(
+    path: str | Path,
+    slide_id: str,
+    *,
+    sheet_mpp: float | None = None,
+    plausible_mpp: wsi.MppRange | None = None,
+    sheet_mpp_cell: str = "",
+    **_: Any,
+) -> dict[str, Any]:
+    """What can still be read of a slide whose tiling failed: its reader, vendor and pyramid if it opens, its mpp and
+    the mpp's source if those resolve; each step that fails leaves its keys out (best effort, never raises)."""
+    facts: dict[str, Any] = {}
+    try:
+        with wsi.open_wsi(path, slide_id) as slide:
+            width, height = slide.dimensions
+            facts |= {"reader": slide.name, "vendor": slide.vendor, "level0_width": width, "level0_height": height}
+            facts["level_count"] = len(slide.level_downsamples)
+            plausible = plausible_mpp or wsi.MppRange.from_config(default_config())
+            resolved = wsi.resolve_mpp(slide, path, slide_id, sheet_mpp, plausible, mpp_cell=sheet_mpp_cell)
+            facts |= {"level0_mpp": resolved.mpp, "mpp_source": resolved.source}
+    except Exception:  # noqa: BLE001 - the slide already failed with its own error; this only adds what it can
+        pass
+    return facts
 
 
 def tissue_image(
@@ -371,6 +401,7 @@ def run_tiling(
     defaults = default_config()
     on_slide_error = defaults["on_slide_error"] if on_slide_error is None else on_slide_error
     qc_thumbnail_px = tiling_kwargs.get("qc_thumbnail_px") or defaults["qc"]["thumbnail_px"]
+    tiling = None
     try:
         tiling = tile_slide(path, slide_id, **tiling_kwargs)
         if len(tiling.grid) == 0:
@@ -378,7 +409,8 @@ def run_tiling(
     except SlideError as exc:
         if on_slide_error != "record":
             raise
-        meta = failed_metadata(slide_id, tiling_kwargs.get("patient_id", ""), str(path), str(exc))
+        known = tiling.metadata() if tiling is not None else slide_facts(path, slide_id, **tiling_kwargs)
+        meta = failed_metadata(slide_id, tiling_kwargs.get("patient_id", ""), str(path), str(exc), known)
         formats.write_tile_file(tiles_out, meta)
         thumbnail = failed_slide_thumbnail(path, slide_id, qc_thumbnail_px)
         qc.save_png(qc.error_thumbnail(slide_id, str(exc), thumbnail=thumbnail), qc_out)
