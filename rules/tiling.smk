@@ -15,6 +15,7 @@ for _shard, _slides in tiling_shards().items():
             rule_name("tile", _shard)
         input:
             slides=slide_files(_slides),
+            rois=slide_roi_files(_slides),
         output:
             # the shard's rows of results/qc/cohort.tsv: what the cohort-wide rules take as input for its tiles
             # (first: Snakemake looks through a rule's outputs in order when it asks which rule makes a file)

@@ -17,6 +17,7 @@ def test_demo_config_is_valid_and_defaults_are_filled(repo):
         "tile_px": 224,
         "overlap_px": 0,
         "min_tissue_fraction": 0.5,
+        "roi_classes": [],
         "shard_size": 50,
         "threads": 4,
     }
@@ -116,6 +117,7 @@ def test_tiling_schema_defaults_are_the_library_defaults():
 
     tiling = validate_config({})["tiling"]
     jobs = {key: tiling.pop(key) for key in ("shard_size", "threads")}  # how jobs are cut, not the grid
+    assert tiling.pop("roi_classes") == []  # a setting of the slides with an ROI file (histoclip.tiling.roi)
     assert tiling == asdict(TilingParams.from_config(default_config())) and jobs == {"shard_size": 50, "threads": 4}
 
 

@@ -40,8 +40,8 @@ def image_only_run(tmp_path_factory) -> tuple[Path, list[str]]:
     )
     (root / "one.tiff").write_bytes(b"II*\x00")
     (root / "slides.tsv").write_text(
-        "slide_id\tpatient_id\tpath\tlabel\n"
-        + "".join(f"S{i}\tP{i}\tone.tiff\t{'LUAD' if i % 2 else 'LUSC'}\n" for i in range(4))
+        "slide_id\tpatient_id\tpath\tlabel\tsplit\n"
+        + "".join(f"S{i}\tP{i}\tone.tiff\t{('LUSC', 'LUAD')[i % 2]}\t{('test', 'train')[i < 2]}\n" for i in range(4))
     )
     (root / "clinical.tsv").write_text("patient_id\ttime\tevent\n" + "".join(f"P{i}\t{i + 1}\t1\n" for i in range(4)))
     (root / "uni.yaml").write_text(

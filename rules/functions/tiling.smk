@@ -3,11 +3,12 @@ import functools
 
 
 def tiling_settings():
-    """Every setting that decides a slide's tile grid, but the slide's own (patient, sheet mpp): a change here
-    re-tiles the cohort (params rerun trigger). tiling.shard_size and tiling.threads only decide how jobs are cut."""
+    """Every setting that decides a slide's tile grid, but the slide's own (patient, sheet mpp, regions of
+    interest): a change here re-tiles the cohort (params rerun trigger). tiling.shard_size and tiling.threads only
+    decide how jobs are cut; tiling.roi_classes is a setting of the slides that have an ROI file only."""
     return {
         "on_slide_error": config["on_slide_error"],
-        "tiling": {k: v for k, v in config["tiling"].items() if k not in ("shard_size", "threads")},
+        "tiling": {k: v for k, v in config["tiling"].items() if k not in ("shard_size", "threads", "roi_classes")},
         "tissue": config["tissue"],
         "mpp": config["mpp"],
         "qc_thumbnail_px": config["qc"]["thumbnail_px"],
@@ -17,7 +18,19 @@ def tiling_settings():
 def slide_tiling_settings(slide_ids):
     """{slide: what the sheet says that decides its tiles}: a change re-runs the slide's tiling shard."""
     records = cohort()
-    return {slide: {"patient_id": records[slide].patient_id, "sheet_mpp": records[slide].mpp} for slide in slide_ids}
+    settings = {}
+    for slide in slide_ids:
+        record = records[slide]
+        settings[slide] = {"patient_id": record.patient_id, "sheet_mpp": record.mpp}
+        if record.roi is not None:
+            settings[slide] |= {"roi": str(record.roi), "roi_classes": list(config["tiling"]["roi_classes"])}
+    return settings
+
+
+def slide_roi_files(slide_ids):
+    """The ROI files of ``slide_ids`` that have one: inputs of their tiling shard (an edited file re-tiles)."""
+    records = cohort()
+    return [str(records[slide].roi) for slide in slide_ids if records[slide].roi is not None]
 
 
 def slide_mpp_cells(slide_ids):

@@ -37,6 +37,9 @@ class SlideRecord:
     #: Where this slide's ``mpp`` cell is (file, line, column) when the sheet has an ``mpp`` column, else "": a
     #: slide without mpp metadata is then told to fill in that cell, not to add a column the sheet already has.
     mpp_cell: str = ""
+    #: The slide's regions of interest (the sheet's optional ``roi`` column: a GeoJSON file as QuPath exports
+    #: annotations), absolute; tiling keeps only tissue inside them (histoclip.tiling.roi).
+    roi: Path | None = None
 
 
 def _line(index: int) -> int:
@@ -184,9 +187,20 @@ def _slide_record(
     if "mpp" in columns and row["mpp"]:
         mpp = _parse_positive_float(row["mpp"], where=where("mpp"), what="mpp")
     label = row["label"] if "label" in columns and row["label"] else None
-    extra = {c: row[c] for c in columns if c not in (*SHEET_COLUMNS, "mpp", "label")}
+    extra = {c: row[c] for c in columns if c not in (*SHEET_COLUMNS, "mpp", "label", "roi")}
     mpp_cell = where("mpp") if "mpp" in columns else ""
-    return SlideRecord(slide_id, row["patient_id"], slide_path, mpp, label, extra, mpp_cell)
+    roi = None
+    if "roi" in columns and row["roi"]:
+        roi = Path(os.path.expanduser(row["roi"]))
+        roi = roi if roi.is_absolute() else base / roi
+        if check_files and not roi.is_file():
+            raise InputError(
+                f"ROI file {str(roi)!r} for {slide_id!r} does not exist.",
+                where=where("roi"),
+                fix="correct the path (relative paths are relative to the sheet's folder), or empty the cell to tile "
+                "all of the slide's tissue.",
+            )
+    return SlideRecord(slide_id, row["patient_id"], slide_path, mpp, label, extra, mpp_cell, roi)
 
 
 def read_cohort_sheet(path: str | Path, *, check_files: bool = True) -> list[SlideRecord]:

@@ -20,6 +20,7 @@ from histoclip.preflight.problems import Problem
 from histoclip.sheets import SlideRecord
 from histoclip.tiling import grid
 from histoclip.tiling import slide as wsi
+from histoclip.tiling.roi import read_slide_roi
 
 #: Columns of the per-slide table.
 SLIDE_COLUMNS = (
@@ -50,6 +51,7 @@ class SlideSettings:
     tissue_mpp: float
     plausible: wsi.MppRange
     on_slide_error: str
+    roi_classes: tuple[str, ...]
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> SlideSettings:
@@ -58,6 +60,7 @@ class SlideSettings:
             tissue_mpp=float(config["tissue"]["mpp"]),
             plausible=wsi.MppRange.from_config(config),
             on_slide_error=str(config["on_slide_error"]),
+            roi_classes=tuple(config["tiling"]["roi_classes"]),
         )
 
     @property
@@ -203,6 +206,30 @@ def _check_slide(record: SlideRecord, settings: SlideSettings) -> SlideCheck:
         too_small = grid.too_small_error(record.slide_id, slide.dimensions, resolved.mpp, settings.tiling)
         if too_small is not None:
             return failed(too_small)
+        if record.roi is not None:
+            try:
+                roi = read_slide_roi(record.roi, settings.roi_classes, record.slide_id)
+            except SlideError as exc:
+                return failed(exc)
+            x0, y0, x1, y1 = roi.bounds()
+            width, height = slide.dimensions
+            if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+                return failed(
+                    SlideError(
+                        record.slide_id,
+                        f"the regions of its ROI file {str(record.roi)!r} (x {x0:.0f}–{x1:.0f}, y {y0:.0f}–{y1:.0f} "
+                        f"level-0 px) lie outside the slide ({width}×{height} px)",
+                        fix="export the annotations of this slide (QuPath exports level-0 pixel coordinates), or "
+                        "correct the sheet's roi column",
+                    )
+                )
+            if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+                add(
+                    "warning",
+                    f"part of the regions of its ROI file {str(record.roi)!r} lies outside the slide ({width}×{height} "
+                    "px): only the part inside is tiled",
+                    "check that the file belongs to this slide",
+                )
     check.seconds = time.perf_counter() - started
     return check
 

@@ -20,6 +20,7 @@ from histoclip.config import SectionSettings, default_config
 from histoclip.errors import SlideError
 from histoclip.tiling import qc
 from histoclip.tiling import slide as wsi
+from histoclip.tiling.roi import RegionsOfInterest, read_slide_roi, roi_mask
 from histoclip.tiling.tissue import TissueParams, detect_tissue
 
 
@@ -133,6 +134,7 @@ class SlideTiling:
     mask: np.ndarray
     qc_rgb: np.ndarray
     warnings: list[str] = field(default_factory=list)
+    roi: RegionsOfInterest | None = None
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -164,6 +166,7 @@ class SlideTiling:
             "tissue_area_mm2": self.tissue_area_mm2,
             "n_tiles": len(self.grid),
             "warnings": self.warnings,
+            **(self.roi.metadata() if self.roi is not None else {}),
         }
 
 
@@ -306,11 +309,13 @@ def tile_slide(
     plausible_mpp: wsi.MppRange | None = None,
     qc_thumbnail_px: int | None = None,
     sheet_mpp_cell: str = "",
+    roi: RegionsOfInterest | None = None,
 ) -> SlideTiling:
     """Open a slide, resolve its mpp, detect tissue on a low-resolution level and lay the tile grid.
 
     A setting left out takes the config schema's default; ``sheet_mpp_cell`` is where the slide's empty cell of
-    the sheet's ``mpp`` column is, if the sheet has one (see :func:`histoclip.tiling.slide.resolve_mpp`). Raises
+    the sheet's ``mpp`` column is, if the sheet has one (see :func:`histoclip.tiling.slide.resolve_mpp`). With
+    ``roi`` (the sheet's roi column) tissue outside its regions is not tissue (:mod:`histoclip.tiling.roi`). Raises
     :class:`histoclip.errors.SlideError` (naming the slide and the cause) for unreadable slides and for slides
     smaller than one tile.
     """
@@ -328,6 +333,8 @@ def tile_slide(
         if too_small is not None:  # after the first read: a damaged file is said to be damaged first
             raise too_small
         mask = detect_tissue(rgb, mask_mpp, tissue_params)
+        if roi is not None:
+            mask &= roi_mask(roi, mask.shape, slide.dimensions)
         grid = tile_grid(mask, slide.dimensions, resolved.mpp, params)
         qc_level = qc_level_for(slide, qc_thumbnail_px)
         qc_dims = slide.level_dimensions[qc_level]
@@ -358,6 +365,7 @@ def tile_slide(
             mask=mask,
             qc_rgb=qc_rgb,
             warnings=warnings,
+            roi=roi,
         )
 
 
@@ -369,7 +377,9 @@ def no_tissue_error(tiling: SlideTiling, on_slide_error: str = "fail") -> SlideE
     return SlideError(
         tiling.slide_id,
         f"has no tissue tile: no {params.tile_px}-px tile at {params.target_mpp} µm/px is at least "
-        f"{params.min_tissue_fraction:.0%} tissue (tissue found: {tiling.tissue_area_mm2:.3g} mm²)",
+        f"{params.min_tissue_fraction:.0%} tissue (tissue found: {tiling.tissue_area_mm2:.3g} mm²"
+        + (f" inside the regions of {tiling.roi.path}" if tiling.roi is not None else "")
+        + ")",
         fix=on_slide_error_fix(
             "look at the slide; remove a blank or failed scan from the sheet; for faint tissue lower "
             "tissue.min_saturation or tiling.min_tissue_fraction",
@@ -390,7 +400,8 @@ def run_tiling(
     """Tile one slide and write its tile table and QC thumbnail (both atomically); return the metadata.
 
     ``on_slide_error`` and the settings in ``tiling_kwargs`` (those of :func:`tile_slide`) default to the
-    config schema's.
+    config schema's; ``roi_path`` and ``roi_classes`` name the slide's regions of interest (read here, so that a bad
+    ROI file is the slide's error under ``on_slide_error``).
 
     With ``on_slide_error="record"`` an unreadable slide is written as an empty tile table with
     ``status = "error"`` and the cause, so the rest of the cohort goes on and the failure is visible in the
@@ -402,7 +413,10 @@ def run_tiling(
     on_slide_error = defaults["on_slide_error"] if on_slide_error is None else on_slide_error
     qc_thumbnail_px = tiling_kwargs.get("qc_thumbnail_px") or defaults["qc"]["thumbnail_px"]
     tiling = None
+    roi_path, roi_classes = tiling_kwargs.pop("roi_path", None), tiling_kwargs.pop("roi_classes", ())
     try:
+        if roi_path:
+            tiling_kwargs["roi"] = read_slide_roi(roi_path, roi_classes, slide_id)
         tiling = tile_slide(path, slide_id, **tiling_kwargs)
         if len(tiling.grid) == 0:
             raise no_tissue_error(tiling, on_slide_error)
@@ -455,4 +469,6 @@ def run_tiling_from_settings(
         plausible_mpp=wsi.MppRange.from_config(settings),
         qc_thumbnail_px=settings["qc_thumbnail_px"],
         sheet_mpp_cell=sheet_mpp_cell,
+        roi_path=settings.get("roi"),
+        roi_classes=tuple(settings.get("roi_classes", ())),
     )

@@ -27,6 +27,7 @@ from histoclip.errors import InputError, InputErrors
 from histoclip.logs import FILE_ONLY
 from histoclip.resume import FinishedSlide, reuse_key
 from histoclip.tiling.grid import run_tiling_from_settings
+from histoclip.tiling.roi import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,11 @@ def finished_slide(slide: SlideToTile) -> FinishedSlide:
         "settings": slide.settings,
         "histoclip": histoclip.__version__,
     }
+    if slide.settings.get("roi"):  # the regions decide the tiles: an edited ROI file re-tiles the slide
+        try:
+            what["roi_sha256"] = file_sha256(slide.settings["roi"])
+        except OSError:
+            return FinishedSlide.of([slide.tiles_out, slide.qc_out], None)
     return FinishedSlide.of([slide.tiles_out, slide.qc_out], reuse_key(what))
 
 
