@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -34,6 +35,7 @@ from histoclip import formats, store
 from histoclip.embedding.models import LoadedModel
 from histoclip.errors import SlideError
 from histoclip.resume import FinishedSlide, reuse_key
+from histoclip.tiling.blocks import read_tiles
 from histoclip.tiling.slide import ReadError, open_wsi, read_rgb, undecodable_tile_error
 
 log = logging.getLogger(__name__)
@@ -81,12 +83,17 @@ class SlideJob:
 class TileBatches(torch.utils.data.Dataset):
     """Item i = one batch of tiles of one slide, as uint8 NHWC; read by whichever worker gets it.
 
-    OpenSlide handles are opened lazily inside each worker process (they can't be shared across a fork)
-    and kept for the life of the worker, so a slide is opened once per worker, not once per tile.
+    Slide handles are opened lazily inside each worker process (they can't be shared across a fork) and kept for
+    the life of the worker, so a slide is opened once per worker, not once per tile. A batch is read in blocks of
+    adjacent tiles (:func:`histoclip.tiling.blocks.read_tiles`: one reader call per run of tiles, each stored tile
+    decoded once) straight into a tensor allocated in shared memory, so handing it to the main process copies
+    nothing (a tensor in private memory is copied into shared memory when it is sent: ~20 ms per 32 tiles of
+    224 px, as long as reading them).
     """
 
-    def __init__(self, slides: Sequence[SlideJob], batch_size: int) -> None:
+    def __init__(self, slides: Sequence[SlideJob], batch_size: int, blocks: bool = True) -> None:
         self.slides = list(slides)
+        self.blocks = blocks
         self.items: list[tuple[int, int, int]] = []
         for index, job in enumerate(self.slides):
             for start in range(0, len(job), batch_size):
@@ -110,13 +117,26 @@ class TileBatches(torch.utils.data.Dataset):
         job = self.slides[index]
         slide = self._slide(index)
         size = job.read_tile_px
-        out = np.empty((stop - start, size, size, 3), dtype=np.uint8)
-        for row, (x, y) in enumerate(zip(job.x[start:stop].tolist(), job.y[start:stop].tolist(), strict=True)):
+        batch = batch_tensor((stop - start, size, size, 3))
+        out = batch.numpy()
+        xs, ys = job.x[start:stop], job.y[start:stop]
+        if self.blocks:
+            read_tiles(slide, job.slide_id, xs, ys, job.read_level, size, out)
+            return item, batch
+        for row, (x, y) in enumerate(zip(xs.tolist(), ys.tolist(), strict=True)):
             try:
                 out[row] = read_rgb(slide, (x, y), job.read_level, (size, size))
             except ReadError as exc:
                 raise undecodable_tile_error(job.slide_id, x, y, job.read_level, exc) from exc
-        return item, torch.from_numpy(out)
+        return item, batch
+
+
+def batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised uint8 tensor; in a loader worker, allocated in shared memory (what sending it needs)."""
+    if torch.utils.data.get_worker_info() is None or not hasattr(torch.UntypedStorage, "_new_shared"):
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
 
 
 def output_metadata(job: SlideJob, model: LoadedModel, dtype: str) -> dict[str, Any]:
