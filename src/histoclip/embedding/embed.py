@@ -80,6 +80,11 @@ class SlideJob:
         return int(self.x.size)
 
 
+#: How a batch's tiles are read: "blocks" (runs of adjacent tiles per reader call, JPEG-tiled TIFFs decoded directly)
+#: or "tiles" (one reader call per tile, OpenSlide's own ``read_region``: the way before, kept to compare against).
+TILE_READS = ("blocks", "tiles")
+
+
 class TileBatches(torch.utils.data.Dataset):
     """Item i = one batch of tiles of one slide, as uint8 NHWC; read by whichever worker gets it.
 
@@ -91,9 +96,11 @@ class TileBatches(torch.utils.data.Dataset):
     224 px, as long as reading them).
     """
 
-    def __init__(self, slides: Sequence[SlideJob], batch_size: int, blocks: bool = True) -> None:
+    def __init__(self, slides: Sequence[SlideJob], batch_size: int, tile_reads: str = "blocks") -> None:
+        if tile_reads not in TILE_READS:
+            raise ValueError(f"tile_reads must be one of {TILE_READS}, not {tile_reads!r}")
         self.slides = list(slides)
-        self.blocks = blocks
+        self.blocks = tile_reads == "blocks"
         self.items: list[tuple[int, int, int]] = []
         for index, job in enumerate(self.slides):
             for start in range(0, len(job), batch_size):
@@ -106,7 +113,10 @@ class TileBatches(torch.utils.data.Dataset):
     def _slide(self, index: int) -> Any:
         if index not in self._handles:
             job = self.slides[index]
-            self._handles[index] = open_wsi(job.slide_path, job.slide_id)
+            reader = open_wsi(job.slide_path, job.slide_id)
+            if not self.blocks and hasattr(reader, "direct_tiles"):
+                reader.direct_tiles = False  # every read is OpenSlide's read_region, as before block reads
+            self._handles[index] = reader
             if len(self._handles) > 8:  # a shard streams slide after slide: keep only recent handles
                 oldest = next(iter(self._handles))
                 self._handles.pop(oldest).close()
@@ -250,8 +260,12 @@ def embed_shard(
     on_slide_error: str = "fail",
     log_every_s: float = 10.0,
     cpus: int | None = None,
+    tile_reads: str = "blocks",
 ) -> ShardReport:
-    """Embed every slide of ``jobs`` with one model load and one loader; reuse slides already finished."""
+    """Embed every slide of ``jobs`` with one model load and one loader; reuse slides already finished.
+
+    ``tile_reads`` (:data:`TILE_READS`) changes how pixels are read, never which: the embeddings are the same bytes.
+    """
     started = time.perf_counter()
     report = ShardReport([], [], [], 0, 0.0)
     todo: list[SlideJob] = []
@@ -268,7 +282,7 @@ def embed_shard(
     while todo:
         workers = resolve_workers(num_workers, model.device, cpus)
         with cpu_threads_beside(workers, model.device, cpus or available_cpus()):
-            done, failure = _stream(todo, model, batch_size, workers, dtype, row_group_rows, log_every_s)
+            done, failure = _stream(todo, model, batch_size, workers, dtype, row_group_rows, log_every_s, tile_reads)
         report.computed += [job.slide_id for job in todo[:done]]
         report.tiles += sum(len(job) for job in todo[:done])
         if failure is None:
@@ -298,9 +312,10 @@ def _stream(
     dtype: str,
     row_group_rows: int,
     log_every_s: float,
+    tile_reads: str = "blocks",
 ) -> tuple[int, Exception | None]:
     """Stream ``jobs`` in order; return (number of slides finished, the error that stopped it or None)."""
-    dataset = TileBatches(jobs, resolve_batch_size(batch_size, model.device))
+    dataset = TileBatches(jobs, resolve_batch_size(batch_size, model.device), tile_reads)
     cuda = model.device.type == "cuda"
     loader = _tile_loader(dataset, workers, cuda)
     remaining = {index: len(job) for index, job in enumerate(jobs)}

@@ -47,6 +47,9 @@ class OpenSlideReader:
         self._path = str(path)
         self._slide = openslide.OpenSlide(self._path)
         self.vendor = self._slide.properties.get(openslide.PROPERTY_NAME_VENDOR, "unknown")
+        # read once: after a failed read an OpenSlide handle raises its error from every call, these included
+        self._level_dimensions = self._slide.level_dimensions
+        self._level_downsamples = self._slide.level_downsamples
         #: whether JPEG-tiled TIFF levels may be decoded directly (False: every read is OpenSlide's)
         self.direct_tiles = direct_tiles
         self._decoder: TiffTileDecoder | None = None
@@ -55,19 +58,19 @@ class OpenSlideReader:
 
     @property
     def level_count(self) -> int:
-        return self._slide.level_count
+        return len(self._level_dimensions)
 
     @property
     def dimensions(self) -> tuple[int, int]:
-        return self._slide.dimensions
+        return self._level_dimensions[0]
 
     @property
     def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return self._slide.level_dimensions
+        return self._level_dimensions
 
     @property
     def level_downsamples(self) -> tuple[float, ...]:
-        return self._slide.level_downsamples
+        return self._level_downsamples
 
     @property
     def properties(self) -> Mapping[str, str]:
@@ -96,7 +99,7 @@ class OpenSlideReader:
             return None
 
     def pixel_origin(self, location: tuple[int, int], level: int) -> tuple[int, int] | None:
-        return level_pixel(location, self._slide.level_downsamples[level])
+        return level_pixel(location, self._level_downsamples[level])
 
     @property
     def direct_levels(self) -> dict[int, bool]:
@@ -113,7 +116,7 @@ class OpenSlideReader:
         return self._read_region_rgb(location, level, size)
 
     def read_level_rgb(self, level: int) -> np.ndarray:
-        return self.read_rgb((0, 0), level, self._slide.level_dimensions[level])
+        return self.read_rgb((0, 0), level, self._level_dimensions[level])
 
     def close(self) -> None:
         if self._decoder is not None:
@@ -137,7 +140,7 @@ class OpenSlideReader:
         if self.direct_tiles:
             if not self._decoder_opened:
                 self._decoder_opened = True
-                self._decoder = TiffTileDecoder.open(self._path, self.vendor, self._slide.level_dimensions)
+                self._decoder = TiffTileDecoder.open(self._path, self.vendor, self._level_dimensions)
             if self._decoder is not None and self._decoder.serves(level):
                 ok = self._agrees_with_openslide(level)
         self._direct_levels[level] = ok
@@ -145,7 +148,7 @@ class OpenSlideReader:
 
     def _agrees_with_openslide(self, level: int) -> bool:
         x, y, width, height = self._decoder.largest_tile(level)
-        downsample = self._slide.level_downsamples[level]
+        downsample = self._level_downsamples[level]
         location = (round(x * downsample), round(y * downsample))
         if level_pixel(location, downsample) != (x, y):
             return False

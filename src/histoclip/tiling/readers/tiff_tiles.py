@@ -16,8 +16,11 @@ When it is used, so that what is read stays byte-identical to OpenSlide:
 - only after a check, per level and per open file: the level's largest stored tile (the most detail) decoded here
   must equal OpenSlide's ``read_region`` of the same rectangle, byte for byte. Both use libjpeg-turbo's defaults;
   a file where they disagree is read by OpenSlide alone;
-- anything unusual in a read (a missing or truncated tile, a decoding error) raises :class:`Unserved` and the
-  read goes to OpenSlide, so errors keep OpenSlide's own messages.
+- tiles are decoded by libjpeg-turbo (``simplejpeg``) with OpenSlide's settings (accurate DCT, fancy upsampling)
+  and, like OpenSlide, with libjpeg's warnings as errors: imagecodecs and Pillow decode a damaged tile with only a
+  warning and return pixels where OpenSlide fails ("Corrupt JPEG data: premature end of data segment");
+- anything unusual in a read (a missing or truncated tile, a decoding error or warning) raises :class:`Unserved`
+  and the read goes to OpenSlide, so damaged tiles fail as they always have, with OpenSlide's own messages.
 """
 
 from __future__ import annotations
@@ -28,10 +31,17 @@ from pathlib import Path
 
 import numpy as np
 
+try:
+    import simplejpeg
+except ImportError:  # an environment without it reads every region through OpenSlide
+    simplejpeg = None
+
 #: OpenSlide vendors whose levels are plain tiled TIFF pages, one per level.
 VENDORS = ("generic-tiff", "aperio")
 #: TIFF compression JPEG ("new-style", 7).
 JPEG = 7
+#: TIFF Photometric RGB (2): JPEG data stored without a colour transform (Aperio).
+RGB_PHOTOMETRIC = 2
 #: Decoded tiles kept per open file (bytes): a few rows of stored tiles of a wide slide, so that the next row of
 #: grid tiles finds the stored tiles it shares with the row above.
 CACHE_BYTES = 48 * 2**20
@@ -39,6 +49,35 @@ CACHE_BYTES = 48 * 2**20
 
 class Unserved(Exception):
     """This read is not one the fast path makes (the caller reads it with OpenSlide)."""
+
+
+def jpeg_stream(data: bytes, tables: bytes | None, rgb: bool) -> bytes:
+    """The whole JPEG stream of a TIFF tile: the page's JPEGTables spliced in after SOI and, for Photometric RGB
+    (Aperio), the components named R, G, B, so that libjpeg-turbo decodes them as RGB, as OpenSlide tells it to
+    (without a name or marker saying otherwise, libjpeg assumes YCbCr)."""
+    if tables is not None and len(tables) > 4:
+        data = data[:2] + tables[2:-2] + data[2:]
+    if not rgb:
+        return data
+    stream = bytearray(data)
+    names = {}
+    pos = 2
+    while pos + 4 <= len(stream) and stream[pos] == 0xFF:
+        marker = stream[pos + 1]
+        length = (stream[pos + 2] << 8) | stream[pos + 3]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame: its component ids
+            count = stream[pos + 9]
+            for i, name in zip(range(count), b"RGB", strict=False):
+                at = pos + 10 + 3 * i
+                names[stream[at]] = name
+                stream[at] = name
+        elif marker == 0xDA:  # start of scan: the components it names, renamed alike
+            for i in range(stream[pos + 4]):
+                at = pos + 5 + 2 * i
+                stream[at] = names.get(stream[at], stream[at])
+            break
+        pos += 2 + length
+    return bytes(stream)
 
 
 class TiffTileDecoder:
@@ -65,7 +104,7 @@ class TiffTileDecoder:
         cache_bytes: int = CACHE_BYTES,
     ) -> TiffTileDecoder | None:
         """A decoder for ``path``, or None when the file is not one the fast path reads."""
-        if vendor not in VENDORS:
+        if vendor not in VENDORS or simplejpeg is None:
             return None
         try:
             decoder = cls(path, level_dimensions, cache_bytes)
@@ -146,13 +185,11 @@ class TiffTileDecoder:
         with fh.lock:
             fh.seek(offset)
             data = fh.read(count)
-        try:
-            decoded, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+        stream = jpeg_stream(data, page.jpegtables, page.photometric == RGB_PHOTOMETRIC)
+        try:  # strict: libjpeg's warnings (corrupt data) are errors, as OpenSlide makes them
+            tile = simplejpeg.decode_jpeg(stream, colorspace="RGB", fastdct=False, fastupsample=False, strict=True)
         except Exception as exc:
             raise Unserved(f"stored tile {index} of level {level} cannot be decoded here: {exc}") from exc
-        if decoded is None:
-            raise Unserved(f"stored tile {index} of level {level} is empty")
-        tile = decoded[0]
         if tile.shape != (page.tilelength, page.tilewidth, 3):
             raise Unserved(f"stored tile {index} of level {level} decodes to shape {tile.shape}")
         self.decoded += 1
