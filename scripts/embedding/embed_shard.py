@@ -24,6 +24,7 @@ with rule_log(snakemake.log[0], "histoclip.embed") as log:
         dtype=settings["dtype"],
         row_group_rows=settings["row_group_rows"],
         on_slide_error=snakemake.config["on_slide_error"],
+        stage_dir=snakemake.config["embedding"]["stage_dir"],
     )
     write_embedding_manifest(snakemake.output.manifest, [job.slide_id for job in jobs], outputs)
     log.info(

@@ -19,6 +19,7 @@ the storage settings.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from histoclip import formats, store
+from histoclip import formats, staging, store
 from histoclip.embedding.models import LoadedModel
 from histoclip.errors import SlideError
 from histoclip.resume import FinishedSlide, reuse_key
@@ -261,10 +262,13 @@ def embed_shard(
     log_every_s: float = 10.0,
     cpus: int | None = None,
     tile_reads: str = "blocks",
+    stage_dir: str | None = None,
 ) -> ShardReport:
     """Embed every slide of ``jobs`` with one model load and one loader; reuse slides already finished.
 
     ``tile_reads`` (:data:`TILE_READS`) changes how pixels are read, never which: the embeddings are the same bytes.
+    ``stage_dir`` (config ``embedding.stage_dir``): the slides still to embed are copied there first and read from
+    there (:mod:`histoclip.staging`); outputs are the same bytes, errors name the slides' own files.
     """
     started = time.perf_counter()
     report = ShardReport([], [], [], 0, 0.0)
@@ -279,21 +283,26 @@ def embed_shard(
             todo.append(job)
     if report.reused:
         log.info("reusing %d finished slide(s): %s", len(report.reused), ", ".join(report.reused))
-    while todo:
-        workers = resolve_workers(num_workers, model.device, cpus)
-        with cpu_threads_beside(workers, model.device, cpus or available_cpus()):
-            done, failure = _stream(todo, model, batch_size, workers, dtype, row_group_rows, log_every_s, tile_reads)
-        report.computed += [job.slide_id for job in todo[:done]]
-        report.tiles += sum(len(job) for job in todo[:done])
-        if failure is None:
-            break
-        failed_job = todo[done]
-        if on_slide_error != "record":
-            raise failure
-        log.error("%s", failure)
-        _write_failed(failed_job, model, dtype, str(failure))
-        report.failed.append(failed_job.slide_id)
-        todo = todo[done + 1 :]
+    with staging.staged([job.slide_path for job in todo], stage_dir, "embedding.stage_dir") as where:
+        todo = [dataclasses.replace(job, slide_path=where[job.slide_path]) for job in todo]
+        while todo:
+            workers = resolve_workers(num_workers, model.device, cpus)
+            with cpu_threads_beside(workers, model.device, cpus or available_cpus()):
+                done, failure = _stream(
+                    todo, model, batch_size, workers, dtype, row_group_rows, log_every_s, tile_reads
+                )
+            report.computed += [job.slide_id for job in todo[:done]]
+            report.tiles += sum(len(job) for job in todo[:done])
+            if failure is None:
+                break
+            failure = staging.unstaged(failure, where)
+            failed_job = todo[done]
+            if on_slide_error != "record":
+                raise failure
+            log.error("%s", failure)
+            _write_failed(failed_job, model, dtype, str(failure))
+            report.failed.append(failed_job.slide_id)
+            todo = todo[done + 1 :]
     report.seconds = time.perf_counter() - started
     return report
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from histoclip import formats
+from histoclip import formats, staging
 from histoclip.config import SectionSettings, default_config
 from histoclip.errors import SlideError
 from histoclip.tiling import qc
@@ -286,9 +286,13 @@ def run_tiling(
     qc_out: str | Path,
     *,
     on_slide_error: str | None = None,
+    recorded_path: str | Path | None = None,
     **tiling_kwargs: Any,
 ) -> dict[str, Any]:
     """Tile one slide and write its tile table and QC thumbnail (both atomically); return the metadata.
+
+    ``recorded_path``: the slide's own path when ``path`` is a staged copy of it (:mod:`histoclip.staging`): the
+    tile file records it and errors name it, so outputs are as if the slide had been read where it is.
 
     ``on_slide_error`` and the settings in ``tiling_kwargs`` (those of :func:`tile_slide`) default to the
     config schema's.
@@ -303,14 +307,20 @@ def run_tiling(
     qc_thumbnail_px = tiling_kwargs.get("qc_thumbnail_px") or defaults["qc"]["thumbnail_px"]
     try:
         tiling = tile_slide(path, slide_id, **tiling_kwargs)
+        if recorded_path is not None:
+            tiling.path = str(recorded_path)
         if len(tiling.grid) == 0:
             raise no_tissue_error(tiling)
     except SlideError as exc:
+        error = exc if recorded_path is None else staging.unstaged(exc, {str(recorded_path): str(path)})
         if on_slide_error != "record":
-            raise
-        meta = failed_metadata(slide_id, tiling_kwargs.get("patient_id", ""), str(path), str(exc))
+            if error is exc:
+                raise
+            raise error from exc.__cause__
+        recorded = str(path if recorded_path is None else recorded_path)
+        meta = failed_metadata(slide_id, tiling_kwargs.get("patient_id", ""), recorded, str(error))
         formats.write_tile_file(tiles_out, meta)
-        qc.save_png(qc.error_thumbnail(slide_id, str(exc)), qc_out)
+        qc.save_png(qc.error_thumbnail(slide_id, str(error)), qc_out)
         return meta
     meta = tiling.metadata()
     formats.write_tile_file(tiles_out, meta, tiling.grid.x, tiling.grid.y, tiling.grid.tissue)
@@ -328,7 +338,12 @@ def run_tiling(
 
 
 def run_tiling_from_settings(
-    path: str | Path, slide_id: str, tiles_out: str | Path, qc_out: str | Path, settings: dict[str, Any]
+    path: str | Path,
+    slide_id: str,
+    tiles_out: str | Path,
+    qc_out: str | Path,
+    settings: dict[str, Any],
+    recorded_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """:func:`run_tiling` with the validated config sections the tile rule passes (see rules/common.smk)."""
     return run_tiling(
@@ -337,6 +352,7 @@ def run_tiling_from_settings(
         tiles_out,
         qc_out,
         on_slide_error=settings["on_slide_error"],
+        recorded_path=recorded_path,
         patient_id=settings["patient_id"],
         sheet_mpp=settings["sheet_mpp"],
         params=TilingParams.from_config(settings),
