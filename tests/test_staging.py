@@ -201,3 +201,45 @@ def test_multi_file_slides_are_staged_whole_or_read_in_place(shared_data, tmp_pa
         assert where[str(vms)] == str(vms)  # read in place
     assert contents(scratch) == []
     assert stage_unit(tmp_path / "missing.svs") is None and stage_unit(tmp_path) is None
+
+
+@pytest.mark.integration
+def test_workflow_stages_slides_and_gives_concurrent_embedding_jobs_their_own_gpu(tmp_path, monkeypatch):
+    """Through Snakemake: two embedding jobs at once (--resources gpu=2, embedding.devices [0, 1]) each claim their
+    own GPU slot (here there is no GPU: they run on the CPU with CUDA_VISIBLE_DEVICES set); slides are staged under
+    $HISTOCLIP_TEST_SCRATCH; setting or unsetting either re-runs nothing."""
+    from bad_slides import copy_workflow, snakemake, write_sheet
+
+    workdir = copy_workflow(tmp_path / "wf")
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    slides = [good_slide(storage / "a.tiff", side=1024, seed=1), good_slide(storage / "b.tiff", side=768, seed=2)]
+    write_sheet(tmp_path / "sheet.tsv", [("a", "P1", str(slides[0])), ("b", "P2", str(slides[1]))])
+    scratch = tmp_path / "scratch"
+    monkeypatch.setenv("HISTOCLIP_TEST_SCRATCH", str(scratch))
+    (workdir / "run.yaml").write_text(
+        "embedding:\n  models: [tiny]\n  shard_size: 1\n  threads: 1\n  devices: ['0', '1']\n"
+        "  stage_dir: $HISTOCLIP_TEST_SCRATCH/embed\n"
+        "tiling:\n  stage_dir: $HISTOCLIP_TEST_SCRATCH/tile\n"
+        "zeroshot:\n  prompt_sets: []\n"
+    )
+    config = ["--configfile", "run.yaml", "--config", f"slides={tmp_path / 'sheet.tsv'}", "clinical=null"]
+    snakemake(workdir, "results/embeddings/tiny.tsv", *config, "--resources", "gpu=2")
+
+    logs = [(workdir / f"results/logs/embed/tiny/shard0000{i}.log").read_text() for i in (0, 1)]
+    claimed = sorted(
+        line.split("GPU ")[1].split(" ")[0] for log in logs for line in log.splitlines() if " is this job's" in line
+    )
+    assert claimed == ["0", "1"]
+    assert all("embedding.stage_dir: 1 slide(s)" in log for log in logs)
+    assert "tiling.stage_dir: 2 slide(s)" in (workdir / "results/logs/tile/shard00000.log").read_text()
+    assert contents(scratch) == ["embed", "tile"]  # the folders stay, empty
+    for slide in slides:
+        assert read_metadata(workdir / f"results/tiles/{slide.stem}.parquet")["path"] == str(slide)
+
+    (workdir / "plain.yaml").write_text(
+        "embedding:\n  models: [tiny]\n  shard_size: 1\n  threads: 1\nzeroshot:\n  prompt_sets: []\n"
+    )
+    plain = ["--configfile", "plain.yaml", "--config", f"slides={tmp_path / 'sheet.tsv'}", "clinical=null"]
+    dry = snakemake(workdir, "results/embeddings/tiny.tsv", *plain, "-n")
+    assert "Nothing to be done" in dry.stdout + dry.stderr
