@@ -24,6 +24,7 @@ from histoclip.formats import read_tile_file
 from histoclip.tiling import slide as wsi
 from histoclip.tiling.blocks import plan_blocks, read_tiles
 from histoclip.tiling.grid import TilingParams, run_tiling
+from histoclip.tiling.readers import tiff_tiles
 from histoclip.tiling.readers.openslide_reader import OpenSlideReader
 
 TINY = {
@@ -195,6 +196,11 @@ def test_each_stored_jpeg_tile_is_decoded_once(tmp_path):
             part = slice(start, min(start + 32, len(x)))
             read_tiles(reader, "once", x[part], y[part], 0, size, out[: part.stop - part.start])
         decoded = reader._decoder.decoded
+        # a second slide open in the same process: the decoded tiles of both stay within one budget
+        other, _ = tiled(tmp_path, "other", textured_rgb(4096, seed=5), 0.5, tile_px=224)
+        with wsi.open_wsi(other, "other") as second:
+            second.read_rgb((0, 0), 0, (4096, 4096))
+            assert second._decoder.decoded == 256 and tiff_tiles.CACHE.nbytes <= tiff_tiles.CACHE_BYTES
     assert len(x) > 100
     # the check against OpenSlide decodes one tile more; a tile-by-tile read would decode ~1.9 per grid tile
     assert decoded <= len(under) + 1 < 1.5 * len(x)

@@ -3,8 +3,8 @@
 Why: measured on the benchmark's 30k × 30k JPEG TIFF (2 cores), OpenSlide's ``read_region`` spends about three
 times as long painting decoded tiles into the region (~30 ns per output pixel, even for tiles it has cached) as
 libjpeg-turbo spends decoding them. Decoding the stored tiles a region overlaps and copying them into place reads
-the same pixels at several times the rate, and a small cache of decoded tiles means a tile shared by neighbouring
-regions (a grid tile straddles up to four stored tiles) is decoded once, not once per region.
+the same pixels at several times the rate, and a small cache of decoded tiles (:data:`CACHE`) means a tile shared
+by neighbouring regions (a grid tile straddles up to four stored tiles) is decoded once, not once per region.
 
 When it is used, so that what is read stays byte-identical to OpenSlide:
 
@@ -25,7 +25,10 @@ When it is used, so that what is read stays byte-identical to OpenSlide:
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -42,9 +45,59 @@ VENDORS = ("generic-tiff", "aperio")
 JPEG = 7
 #: TIFF Photometric RGB (2): JPEG data stored without a colour transform (Aperio).
 RGB_PHOTOMETRIC = 2
-#: Decoded tiles kept per open file (bytes): a few rows of stored tiles of a wide slide, so that the next row of
-#: grid tiles finds the stored tiles it shares with the row above.
+#: Decoded tiles kept per process, whatever the number of open slides (bytes): a few rows of stored tiles of a wide
+#: slide, so that the next row of grid tiles finds the stored tiles it shares with the row above. A loader worker
+#: keeps several slides open; the budget is theirs together (16 workers: 768 MB).
 CACHE_BYTES = 48 * 2**20
+
+
+class TileCache:
+    """Decoded stored tiles, least recently used first out, within a byte budget, shared by a process's decoders."""
+
+    def __init__(self, limit: int = CACHE_BYTES) -> None:
+        self.limit = limit
+        self._tiles: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()  # the preflight checks slides in threads
+
+    def get(self, key: tuple[int, int, int]) -> np.ndarray | None:
+        with self._lock:
+            tile = self._tiles.get(key)
+            if tile is not None:
+                self._tiles.move_to_end(key)
+            return tile
+
+    def put(self, key: tuple[int, int, int], tile: np.ndarray) -> None:
+        with self._lock:
+            if key in self._tiles:
+                return
+            self._tiles[key] = tile
+            self._bytes += tile.nbytes
+            while self._bytes > self.limit and len(self._tiles) > 1:
+                _, evicted = self._tiles.popitem(last=False)
+                self._bytes -= evicted.nbytes
+
+    def drop(self, owner: int) -> None:
+        """Forget the tiles of one decoder (closed)."""
+        with self._lock:
+            for key in [key for key in self._tiles if key[0] == owner]:
+                self._bytes -= self._tiles.pop(key).nbytes
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def _after_fork(self) -> None:
+        """A forked child (a loader worker) starts with an empty cache and a free lock of its own."""
+        self._lock = threading.Lock()
+        self._tiles = OrderedDict()
+        self._bytes = 0
+
+
+#: The process's cache.
+CACHE = TileCache()
+os.register_at_fork(after_in_child=CACHE._after_fork)
+_owners = itertools.count()
 
 
 class Unserved(Exception):
@@ -83,15 +136,14 @@ def jpeg_stream(data: bytes, tables: bytes | None, rgb: bool) -> bytes:
 class TiffTileDecoder:
     """Regions of the levels of a tiled TIFF, decoded tile by tile (see the module docstring)."""
 
-    def __init__(self, path: str | Path, level_dimensions: tuple[tuple[int, int], ...], cache_bytes: int) -> None:
+    def __init__(self, path: str | Path, level_dimensions: tuple[tuple[int, int], ...], cache: TileCache) -> None:
         import tifffile
 
         self._tif = tifffile.TiffFile(path)
         self._file_size = self._tif.filehandle.size
         self._pages = [self._page_for(width, height) for width, height in level_dimensions]
-        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
-        self._cache_bytes = 0
-        self._cache_limit = cache_bytes
+        self._cache = cache
+        self._owner = next(_owners)
         #: stored tiles decoded (a measure of how well the cache works: tests and the benchmark read it)
         self.decoded = 0
 
@@ -101,13 +153,13 @@ class TiffTileDecoder:
         path: str | Path,
         vendor: str,
         level_dimensions: tuple[tuple[int, int], ...],
-        cache_bytes: int = CACHE_BYTES,
+        cache: TileCache | None = None,
     ) -> TiffTileDecoder | None:
         """A decoder for ``path``, or None when the file is not one the fast path reads."""
         if vendor not in VENDORS or simplejpeg is None:
             return None
         try:
-            decoder = cls(path, level_dimensions, cache_bytes)
+            decoder = cls(path, level_dimensions, CACHE if cache is None else cache)
         except Exception:  # tifffile cannot parse what OpenSlide opened: OpenSlide reads it alone
             return None
         if not any(page is not None for page in decoder._pages):
@@ -173,10 +225,9 @@ class TiffTileDecoder:
         return out
 
     def _tile(self, level: int, page, index: int) -> np.ndarray:  # noqa: ANN001 (tifffile.TiffPage)
-        key = (level, index)
+        key = (self._owner, level, index)
         cached = self._cache.get(key)
         if cached is not None:
-            self._cache.move_to_end(key)
             return cached
         offset, count = int(page.dataoffsets[index]), int(page.databytecounts[index])
         if count == 0 or offset + count > self._file_size:
@@ -193,13 +244,9 @@ class TiffTileDecoder:
         if tile.shape != (page.tilelength, page.tilewidth, 3):
             raise Unserved(f"stored tile {index} of level {level} decodes to shape {tile.shape}")
         self.decoded += 1
-        self._cache[key] = tile
-        self._cache_bytes += tile.nbytes
-        while self._cache_bytes > self._cache_limit and len(self._cache) > 1:
-            _, evicted = self._cache.popitem(last=False)
-            self._cache_bytes -= evicted.nbytes
+        self._cache.put(key, tile)
         return tile
 
     def close(self) -> None:
-        self._cache.clear()
+        self._cache.drop(self._owner)
         self._tif.close()
