@@ -216,6 +216,11 @@ def main() -> None:
                     "end_to_end_over_own_ceiling": round(e2e_rate / own_ceiling, 3),
                     "targets": {"read_only_over_raw": 1.0, "end_to_end_over_raw_ceiling": 0.85},
                     "end_to_end_peak_rss_mb": e2e_rss_mb,
+                    **(
+                        {}
+                        if cuda
+                        else {"gpu": "not measured: no GPU here (benchmarks/gpu_embedding.sh runs this on a GPU machine)"}
+                    ),
                 },
                 indent=2,
             )
