@@ -219,7 +219,7 @@ def main() -> None:
                     **(
                         {}
                         if cuda
-                        else {"gpu": "not measured: no GPU here (benchmarks/gpu_embedding.sh runs this on a GPU machine)"}
+                        else {"gpu": "not measured: no GPU here (benchmarks/gpu_embedding.sh runs it on a GPU)"}
                     ),
                 },
                 indent=2,
