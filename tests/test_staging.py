@@ -82,7 +82,7 @@ def test_staged_shards_write_the_same_bytes_and_leave_nothing_behind(cohort, tin
     scratch.mkdir()
     tile_shard(shard(cohort, tmp_path / "plain"))
     with caplog.at_level(logging.INFO, logger="histoclip.staging"):
-        tile_shard(shard(cohort, tmp_path / "staged"), stage_dir=str(scratch))
+        tile_shard(shard(cohort, tmp_path / "staged"), threads=2, stage_dir=str(scratch))  # in worker processes
     assert "tiling.stage_dir: 2 slide(s)" in caplog.text and str(scratch) in caplog.text
     for slide in cohort:
         plain, staged_tiles = (tmp_path / run / "tiles" / f"{slide.stem}.parquet" for run in ("plain", "staged"))
