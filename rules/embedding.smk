@@ -24,7 +24,9 @@ for _model, _shard, _slides in embedding_shard_rules():
             tiles=[f"results/tiles/{slide}.parquet" for slide in _slides],
             model_name=_model,
             model=config["models"][_model],
-            embedding=config["embedding"],
+            # stage_dir and devices only say where slides are read from and which GPU runs the job: the job script
+            # reads them from the config, so setting them (e.g. $TMPDIR for a cluster run) re-runs no finished job
+            embedding={k: v for k, v in config["embedding"].items() if k not in ("stage_dir", "devices")},
             search_dirs=[".", workflow.basedir],
         log:
             f"results/logs/embed/{_model}/{_shard}.log",

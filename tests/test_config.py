@@ -20,6 +20,7 @@ def test_demo_config_is_valid_and_defaults_are_filled(repo):
         "roi_classes": [],
         "shard_size": 50,
         "threads": 4,
+        "stage_dir": None,
     }
     assert config["mpp"] == {"min": 0.05, "max": 20.0}
     assert config["qc"]["thumbnail_px"] == 1024
@@ -116,9 +117,11 @@ def test_tiling_schema_defaults_are_the_library_defaults():
     from histoclip.tiling.grid import TilingParams
 
     tiling = validate_config({})["tiling"]
-    jobs = {key: tiling.pop(key) for key in ("shard_size", "threads")}  # how jobs are cut, not the grid
+    # how jobs are cut and where they read slides, not the grid
+    jobs = {key: tiling.pop(key) for key in ("shard_size", "threads", "stage_dir")}
     assert tiling.pop("roi_classes") == []  # a setting of the slides with an ROI file (histoclip.tiling.roi)
-    assert tiling == asdict(TilingParams.from_config(default_config())) and jobs == {"shard_size": 50, "threads": 4}
+    assert tiling == asdict(TilingParams.from_config(default_config()))
+    assert jobs == {"shard_size": 50, "threads": 4, "stage_dir": None}
 
 
 def _code_defaults(cls: type) -> dict[str, object]:

@@ -5,10 +5,13 @@ import functools
 def tiling_settings():
     """Every setting that decides a slide's tile grid, but the slide's own (patient, sheet mpp, regions of
     interest): a change here re-tiles the cohort (params rerun trigger). tiling.shard_size and tiling.threads only
-    decide how jobs are cut; tiling.roi_classes is a setting of the slides that have an ROI file only."""
+    decide how jobs are cut, tiling.stage_dir where slides are read from (the job script reads it from the config);
+    tiling.roi_classes is a setting of the slides that have an ROI file only."""
     return {
         "on_slide_error": config["on_slide_error"],
-        "tiling": {k: v for k, v in config["tiling"].items() if k not in ("shard_size", "threads", "roi_classes")},
+        "tiling": {
+            k: v for k, v in config["tiling"].items() if k not in ("shard_size", "threads", "stage_dir", "roi_classes")
+        },
         "tissue": config["tissue"],
         "mpp": config["mpp"],
         "qc_thumbnail_px": config["qc"]["thumbnail_px"],

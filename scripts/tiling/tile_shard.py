@@ -20,7 +20,7 @@ with rule_log(snakemake.log[0], "histoclip.tile") as log:
             strict=True,
         )
     ]
-    report = tile_shard(slides, threads=snakemake.threads)
+    report = tile_shard(slides, threads=snakemake.threads, stage_dir=snakemake.config["tiling"]["stage_dir"])
     write_cohort_table(snakemake.output.tiles, snakemake.output.table)
     log.info(
         "%d slides: %d tiled (%d tiles), %d reused, %d recorded as failed",

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from histoclip import formats
+from histoclip import formats, staging
 from histoclip.config import SectionSettings, default_config
 from histoclip.errors import SlideError
 from histoclip.tiling import qc
@@ -395,9 +395,13 @@ def run_tiling(
     qc_out: str | Path,
     *,
     on_slide_error: str | None = None,
+    recorded_path: str | Path | None = None,
     **tiling_kwargs: Any,
 ) -> dict[str, Any]:
     """Tile one slide and write its tile table and QC thumbnail (both atomically); return the metadata.
+
+    ``recorded_path``: the slide's own path when ``path`` is a staged copy of it (:mod:`histoclip.staging`): the
+    tile file records it and errors name it, so outputs are as if the slide had been read where it is.
 
     ``on_slide_error`` and the settings in ``tiling_kwargs`` (those of :func:`tile_slide`) default to the
     config schema's; ``roi_path`` and ``roi_classes`` name the slide's regions of interest (read here, so that a bad
@@ -418,16 +422,22 @@ def run_tiling(
         if roi_path:
             tiling_kwargs["roi"] = read_slide_roi(roi_path, roi_classes, slide_id)
         tiling = tile_slide(path, slide_id, **tiling_kwargs)
+        if recorded_path is not None:
+            tiling.path = str(recorded_path)
         if len(tiling.grid) == 0:
             raise no_tissue_error(tiling, on_slide_error)
     except SlideError as exc:
+        error = exc if recorded_path is None else staging.unstaged(exc, {str(recorded_path): str(path)})
         if on_slide_error != "record":
-            raise
+            if error is exc:
+                raise
+            raise error from exc.__cause__
         known = tiling.metadata() if tiling is not None else slide_facts(path, slide_id, **tiling_kwargs)
-        meta = failed_metadata(slide_id, tiling_kwargs.get("patient_id", ""), str(path), str(exc), known)
+        recorded = str(path if recorded_path is None else recorded_path)
+        meta = failed_metadata(slide_id, tiling_kwargs.get("patient_id", ""), recorded, str(error), known)
         formats.write_tile_file(tiles_out, meta)
         thumbnail = failed_slide_thumbnail(path, slide_id, qc_thumbnail_px)
-        qc.save_png(qc.error_thumbnail(slide_id, str(exc), thumbnail=thumbnail), qc_out)
+        qc.save_png(qc.error_thumbnail(slide_id, str(error), thumbnail=thumbnail), qc_out)
         return meta
     meta = tiling.metadata()
     formats.write_tile_file(tiles_out, meta, tiling.grid.x, tiling.grid.y, tiling.grid.tissue)
@@ -452,6 +462,7 @@ def run_tiling_from_settings(
     settings: dict[str, Any],
     *,
     sheet_mpp_cell: str = "",
+    recorded_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """:func:`run_tiling` with the validated config sections the tile rule passes (see rules/common.smk), and
     where the slide's empty sheet mpp cell is (for messages only: not a setting)."""
@@ -461,6 +472,7 @@ def run_tiling_from_settings(
         tiles_out,
         qc_out,
         on_slide_error=settings["on_slide_error"],
+        recorded_path=recorded_path,
         patient_id=settings["patient_id"],
         sheet_mpp=settings["sheet_mpp"],
         params=TilingParams.from_config(settings),

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from histoclip import staging
 from histoclip.errors import InputError, InputErrors
 from histoclip.logs import FILE_ONLY
 from histoclip.resume import FinishedSlide, reuse_key
@@ -82,15 +83,24 @@ def finished_slide(slide: SlideToTile) -> FinishedSlide:
     return FinishedSlide.of([slide.tiles_out, slide.qc_out], reuse_key(what))
 
 
-def _tile_one(slide: SlideToTile) -> dict[str, Any]:
+def _tile_one(slide: SlideToTile, read_path: str) -> dict[str, Any]:
     return run_tiling_from_settings(
-        slide.path, slide.slide_id, slide.tiles_out, slide.qc_out, slide.settings, sheet_mpp_cell=slide.sheet_mpp_cell
+        read_path,
+        slide.slide_id,
+        slide.tiles_out,
+        slide.qc_out,
+        slide.settings,
+        sheet_mpp_cell=slide.sheet_mpp_cell,
+        recorded_path=slide.path,
     )
 
 
-def tile_shard(slides: Sequence[SlideToTile], threads: int = 1) -> TilingShardReport:
+def tile_shard(slides: Sequence[SlideToTile], threads: int = 1, stage_dir: str | None = None) -> TilingShardReport:
     """Tile every slide of a shard (``threads`` at a time), reusing kept slides; raise after the last slide if any
     failed, so one bad slide costs the re-run only itself.
+
+    ``stage_dir`` (config ``tiling.stage_dir``): the slides still to tile are copied there first and read from there
+    (:mod:`histoclip.staging`); tile files, keys and errors name the slides' own paths.
 
     With ``on_slide_error: record`` an unreadable slide is written with status "error" and is not an error here;
     with ``fail`` its :class:`~histoclip.errors.SlideError` is raised (several: one
@@ -125,24 +135,25 @@ def tile_shard(slides: Sequence[SlideToTile], threads: int = 1) -> TilingShardRe
             log.warning("slide %s recorded as failed: %s", slide.slide_id, meta["error"])
 
     workers = max(1, min(threads, len(todo)))
-    if workers == 1:
-        for slide, kept in todo:
-            try:
-                meta, error = _tile_one(slide), None
-            except Exception as exc:  # every slide gets its chance; the errors are raised together below
-                meta, error = None, exc
-            finished(slide, kept, meta, error)
-    else:
-        # fork: the job script is not importable as a module, which spawn and forkserver would need
-        context = multiprocessing.get_context("fork")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            futures = {pool.submit(_tile_one, slide): (slide, kept) for slide, kept in todo}
-            for future in concurrent.futures.as_completed(futures):
-                slide, kept = futures[future]
-                error = future.exception()
-                if error is not None and not isinstance(error, Exception):
-                    raise error  # KeyboardInterrupt, SystemExit: not a slide's problem
-                finished(slide, kept, None if error else future.result(), error)
+    with staging.staged([slide.path for slide, _ in todo], stage_dir, "tiling.stage_dir") as where:
+        if workers == 1:
+            for slide, kept in todo:
+                try:
+                    meta, error = _tile_one(slide, where[slide.path]), None
+                except Exception as exc:  # every slide gets its chance; the errors are raised together below
+                    meta, error = None, exc
+                finished(slide, kept, meta, error)
+        else:
+            # fork: the job script is not importable as a module, which spawn and forkserver would need
+            context = multiprocessing.get_context("fork")
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+                futures = {pool.submit(_tile_one, slide, where[slide.path]): (slide, kept) for slide, kept in todo}
+                for future in concurrent.futures.as_completed(futures):
+                    slide, kept = futures[future]
+                    error = future.exception()
+                    if error is not None and not isinstance(error, Exception):
+                        raise error  # KeyboardInterrupt, SystemExit: not a slide's problem
+                    finished(slide, kept, None if error else future.result(), error)
     _raise_errors(report, len(slides))
     return report
 

@@ -91,7 +91,14 @@ class SlideReader(Protocol):
 
     def read_rgb(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         """RGB uint8 (height, width, 3) of ``size`` at ``level``, top-left at level-0 ``location``; raises
-        :class:`ReadError` when the data cannot be decoded."""
+        :class:`ReadError` when the data cannot be decoded. A reader reads a large region (a block of many grid
+        tiles: :mod:`histoclip.tiling.blocks`) however suits its format, decoding each stored tile once."""
+        ...
+
+    def pixel_origin(self, location: tuple[int, int], level: int) -> tuple[int, int] | None:
+        """The pixel of ``level`` at which :meth:`read_rgb` of level-0 ``location`` starts, or None when the read is
+        resampled between pixels. Where it is not None, a region cut from a larger read at the same level is the
+        same bytes as reading the region itself (what block reads rely on)."""
         ...
 
     def read_level_rgb(self, level: int) -> np.ndarray:
@@ -192,10 +199,13 @@ class RegionReader:
         return self._properties
 
     def read_rgb(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        spec = self._levels[level]
-        x = math.floor(location[0] / spec.downsample)
-        y = math.floor(location[1] / spec.downsample)
+        x, y = self.pixel_origin(location, level)
         return self._read_level_rect(level, x, y, int(size[0]), int(size[1]))
+
+    def pixel_origin(self, location: tuple[int, int], level: int) -> tuple[int, int]:
+        """Regions start at the level pixel that holds ``location`` (never resampled)."""
+        spec = self._levels[level]
+        return math.floor(location[0] / spec.downsample), math.floor(location[1] / spec.downsample)
 
     def read_level_rgb(self, level: int) -> np.ndarray:
         spec = self._levels[level]
