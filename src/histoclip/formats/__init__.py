@@ -9,6 +9,7 @@ file                                                    module
 ======================================================  ============================
 ``results/tiles/{slide}.parquet``                       :mod:`~histoclip.formats.tiles`
 ``results/qc/cohort.tsv``                               :mod:`~histoclip.formats.tiles`
+``results/qc/tissue/{slide}.png`` (tissue mask)         :mod:`~histoclip.formats.tiles`
 ``results/embeddings/{model}/{slide}.parquet``          :mod:`~histoclip.formats.embeddings`
 ``results/embeddings/{model}.tsv`` (+ shard manifests)  :mod:`~histoclip.formats.embeddings`
 ``results/zeroshot/…/text_classifier.parquet``          :mod:`~histoclip.formats.zeroshot`
@@ -47,11 +48,14 @@ from histoclip.formats.embeddings import (
 from histoclip.formats.tiles import (
     COHORT_COLUMNS,
     TILE_SCHEMA,
+    TissueMask,
     read_cohort_table,
     read_tile_file,
     read_tile_metadata,
+    read_tissue_mask,
     write_cohort_table,
     write_tile_file,
+    write_tissue_mask,
 )
 from histoclip.formats.zeroshot import (
     CALLS_TEXT_COLUMNS,
@@ -80,6 +84,7 @@ __all__ = [
     "SCORE_PREFIX",
     "TILE_SCHEMA",
     "TextClassifier",
+    "TissueMask",
     "called_classes",
     "embedding_paths",
     "embedding_schema",
@@ -98,6 +103,7 @@ __all__ = [
     "read_tile_metadata",
     "read_tile_scores",
     "read_tile_scores_metadata",
+    "read_tissue_mask",
     "slide_embedding_columns",
     "tile_classes",
     "vectors_column",
@@ -111,4 +117,5 @@ __all__ = [
     "write_text_classifier",
     "write_tile_file",
     "write_tile_scores",
+    "write_tissue_mask",
 ]

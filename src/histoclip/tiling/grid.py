@@ -284,9 +284,11 @@ def run_tiling(
     qc_out: str | Path,
     *,
     on_slide_error: str | None = None,
+    mask_out: str | Path | None = None,
     **tiling_kwargs: Any,
 ) -> dict[str, Any]:
-    """Tile one slide and write its tile table and QC thumbnail (both atomically); return the metadata.
+    """Tile one slide and write its tile table and QC thumbnail (both atomically); return the metadata. With
+    ``mask_out``, the tissue mask the tiles were measured on is written there too (:func:`formats.write_tissue_mask`).
 
     ``on_slide_error`` and the settings in ``tiling_kwargs`` (those of :func:`tile_slide`) default to the
     config schema's.
@@ -309,9 +311,13 @@ def run_tiling(
         meta = failed_metadata(slide_id, tiling_kwargs.get("patient_id", ""), str(path), str(exc))
         formats.write_tile_file(tiles_out, meta)
         qc.save_png(qc.error_thumbnail(slide_id, str(exc)), qc_out)
+        if mask_out is not None:
+            formats.write_tissue_mask(mask_out, None, meta)
         return meta
     meta = tiling.metadata()
     formats.write_tile_file(tiles_out, meta, tiling.grid.x, tiling.grid.y, tiling.grid.tissue)
+    if mask_out is not None:
+        formats.write_tissue_mask(mask_out, tiling.mask, _mask_metadata(meta))
     image = qc.qc_thumbnail(
         tiling.qc_rgb,
         tiling.mask,
@@ -325,8 +331,19 @@ def run_tiling(
     return meta
 
 
+def _mask_metadata(meta: dict[str, Any]) -> dict[str, Any]:
+    """What a tissue mask says about itself: enough to place it on level 0 without the tile file."""
+    keys = ("slide_id", "status", "level0_width", "level0_height", "level0_mpp", "tissue_mask_mpp", "tissue_params")
+    return {key: meta[key] for key in keys}
+
+
 def run_tiling_from_settings(
-    path: str | Path, slide_id: str, tiles_out: str | Path, qc_out: str | Path, settings: dict[str, Any]
+    path: str | Path,
+    slide_id: str,
+    tiles_out: str | Path,
+    qc_out: str | Path,
+    settings: dict[str, Any],
+    mask_out: str | Path | None = None,
 ) -> dict[str, Any]:
     """:func:`run_tiling` with the validated config sections the tile rule passes (see rules/common.smk)."""
     return run_tiling(
@@ -334,6 +351,7 @@ def run_tiling_from_settings(
         slide_id,
         tiles_out,
         qc_out,
+        mask_out=mask_out,
         on_slide_error=settings["on_slide_error"],
         patient_id=settings["patient_id"],
         sheet_mpp=settings["sheet_mpp"],

@@ -32,13 +32,19 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SlideToTile:
-    """One slide of a tiling shard: its pixels, its two outputs and the settings that decide its tiles."""
+    """One slide of a tiling shard: its pixels, its outputs (tile file, thumbnail and, when asked for, the tissue
+    mask) and the settings that decide its tiles."""
 
     slide_id: str
     path: str
     tiles_out: str
     qc_out: str
     settings: dict[str, Any]
+    mask_out: str | None = None
+
+    @property
+    def outputs(self) -> list[str]:
+        return [self.tiles_out, self.qc_out] + ([self.mask_out] if self.mask_out else [])
 
 
 @dataclass
@@ -60,7 +66,7 @@ def finished_slide(slide: SlideToTile) -> FinishedSlide:
     try:
         stat = os.stat(slide.path)
     except OSError:
-        return FinishedSlide.of([slide.tiles_out, slide.qc_out], None)
+        return FinishedSlide.of(slide.outputs, None)
     what = {
         "slide_id": slide.slide_id,
         "path": str(Path(slide.path).resolve()),
@@ -69,11 +75,13 @@ def finished_slide(slide: SlideToTile) -> FinishedSlide:
         "settings": slide.settings,
         "histoclip": histoclip.__version__,
     }
-    return FinishedSlide.of([slide.tiles_out, slide.qc_out], reuse_key(what))
+    return FinishedSlide.of(slide.outputs, reuse_key(what))
 
 
 def _tile_one(slide: SlideToTile) -> dict[str, Any]:
-    return run_tiling_from_settings(slide.path, slide.slide_id, slide.tiles_out, slide.qc_out, slide.settings)
+    return run_tiling_from_settings(
+        slide.path, slide.slide_id, slide.tiles_out, slide.qc_out, slide.settings, mask_out=slide.mask_out
+    )
 
 
 def tile_shard(slides: Sequence[SlideToTile], threads: int = 1) -> TilingShardReport:
