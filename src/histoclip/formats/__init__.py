@@ -17,6 +17,8 @@ file                                                    module
 ``results/zeroshot/…/calls.tsv``                        :mod:`~histoclip.formats.zeroshot`
 ``results/slides/{model}.parquet``                      :mod:`~histoclip.formats.cohort`
 ``results/phenotypes/{model}/*composition.tsv``         :mod:`~histoclip.formats.cohort`
+``results/phenotypes/{model}/phenotypes.tsv``           :mod:`~histoclip.formats.cohort`
+``results/phenotypes/{model}/assignments/{slide}``      :mod:`~histoclip.formats.cohort` (reader)
 ``results/demo/class_maps/{slide}.png``                 :mod:`~histoclip.formats.class_maps`
 ======================================================  ============================
 
@@ -27,6 +29,8 @@ from histoclip.formats.class_maps import read_class_map, read_class_map_classes,
 from histoclip.formats.cohort import (
     PHENOTYPE_PREFIX,
     read_composition,
+    read_phenotype_assignments,
+    read_phenotype_table,
     read_slide_embeddings,
     read_slide_tsv,
     slide_embedding_columns,
@@ -52,6 +56,7 @@ from histoclip.formats.tiles import (
     read_cohort_table,
     read_tile_file,
     read_tile_metadata,
+    read_tile_table,
     read_tissue_mask,
     write_cohort_table,
     write_tile_file,
@@ -95,6 +100,8 @@ __all__ = [
     "read_cohort_table",
     "read_composition",
     "read_embedding_footer",
+    "read_phenotype_assignments",
+    "read_phenotype_table",
     "read_slide_embeddings",
     "read_slide_tsv",
     "read_text_classifier",
@@ -103,6 +110,7 @@ __all__ = [
     "read_tile_metadata",
     "read_tile_scores",
     "read_tile_scores_metadata",
+    "read_tile_table",
     "read_tissue_mask",
     "slide_embedding_columns",
     "tile_classes",

@@ -34,6 +34,7 @@ __all__ = [
     "read_cohort_table",
     "read_tile_file",
     "read_tile_metadata",
+    "read_tile_table",
     "read_tissue_mask",
     "write_cohort_table",
     "write_tile_file",
@@ -91,6 +92,13 @@ def read_tile_file(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, 
     meta = store.read_metadata(path)
     table = pq.read_table(path, columns=["x", "y"])
     return table.column("x").to_numpy(), table.column("y").to_numpy(), meta
+
+
+def read_tile_table(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """(x, y, tissue fraction, metadata) of one slide's tile file."""
+    meta = store.read_metadata(path)
+    table = pq.read_table(path, columns=["x", "y", "tissue"])
+    return table.column("x").to_numpy(), table.column("y").to_numpy(), table.column("tissue").to_numpy(), meta
 
 
 def write_cohort_table(table: pd.DataFrame, path: str | Path) -> None:
