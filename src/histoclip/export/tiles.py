@@ -161,15 +161,33 @@ def model_provenance(model: str, embedding_meta: Mapping[str, Any]) -> dict[str,
     """What an export says about the model that made its features (``model``: its name in the config;
     ``model_spec``, ``weights_sha256`` …: from an embedding file's or the slide table's footer) and the package
     versions that wrote it."""
-    from histoclip import store
 
     keys = ("backend", "architecture", "weights_sha256", "dim", "embedding_dtype")
     return {
         "model": model,
         **({"model_spec": embedding_meta["model"]} if "model" in embedding_meta else {}),
         **{key: embedding_meta[key] for key in keys if key in embedding_meta},
-        "versions": store.package_versions(),
+        "versions": export_versions(),
     }
+
+
+#: Packages that write the export files, recorded beside :data:`histoclip.store.PROVENANCE_PACKAGES`.
+EXPORT_PACKAGES = ("anndata", "h5py", "shapely", "contourpy")
+
+
+def export_versions() -> dict[str, str]:
+    """The versions every output records, plus those of the packages that write the exports."""
+    from importlib import metadata
+
+    from histoclip import store
+
+    versions = store.package_versions()
+    for name in EXPORT_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
 
 
 def write_index(path: str | Path, rows: list[dict[str, Any]]) -> None:
