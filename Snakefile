@@ -24,6 +24,7 @@ include: "rules/zeroshot.smk"
 include: "rules/cohort.smk"
 include: "rules/survival.smk"
 include: "rules/figures.smk"
+include: "rules/export.smk"
 include: "rules/preflight.smk"
 include: "rules/provenance.smk"
 

@@ -253,6 +253,7 @@ def all_outputs(wildcards):
         *phenotype_outputs(),
         *survival_tables(),
         *survival_figures(),
+        *export_outputs(),
     ]
 
 

@@ -22,6 +22,8 @@ for _shard, _slides in tiling_shards().items():
             table=f"results/qc/shards/{_shard}.tsv",
             tiles=[f"results/tiles/{slide}.parquet" for slide in _slides],
             qc=[f"results/qc/{slide}.png" for slide in _slides],
+            # the tissue mask the tiles were measured on (1-bit PNG): the QuPath export draws tissue from it
+            masks=[f"results/qc/tissue/{slide}.png" for slide in _slides],
         params:
             slides=slide_tiling_settings(_slides),
             settings=tiling_settings(),

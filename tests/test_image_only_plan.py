@@ -64,6 +64,7 @@ def test_default_target_leaves_text_outputs_out_and_says_so(image_only_run):
     output = result.stdout + result.stderr
     rules = planned_rules(output)
     assert {"embed_uni_shard00000", "aggregate", "phenotypes", "cluster_slides", "slide_neighbours"} <= rules
+    assert {"qupath_uni_shard00000", "slides_anndata"} <= rules  # exports: phenotypes only, no scores, no classes
     assert "survival" in rules  # phenotype and cluster terms need no text
     assert "fewshot_labels" in rules  # prototype and probe need no text: the sheet's labels, no zero-shot line
     assert "results/fewshot/uni/labels/summary.tsv" in output

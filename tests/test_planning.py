@@ -46,12 +46,14 @@ def test_default_target_plans_one_job_per_shard(big_cohort):
     tiling = {rule for rule in jobs if rule.startswith("tile_")}
     embedding = {rule for rule in jobs if rule.startswith("embed_")}
     evidence = {rule for rule in jobs if rule.startswith("zeroshot_evidence_")}
+    qupath = {rule for rule in jobs if rule.startswith("qupath_")}
     assert tiling == {f"tile_shard{i:05d}" for i in range(N_SHARDS)}
     assert embedding == {f"embed_demo_shard{i:05d}" for i in range(N_SHARDS)}
+    assert qupath == {f"qupath_demo_shard{i:05d}" for i in range(N_SHARDS)}
     assert len(evidence) == N_SHARDS
-    assert all(jobs[rule] == 1 for rule in tiling | embedding | evidence)
+    assert all(jobs[rule] == 1 for rule in tiling | embedding | evidence | qupath)
     # everything else is per model / prompt set / cohort: a fixed number of jobs, whatever the cohort's size
-    per_cohort = jobs["total"] - 3 * N_SHARDS
+    per_cohort = jobs["total"] - 4 * N_SHARDS
     assert per_cohort < 50, jobs
 
 

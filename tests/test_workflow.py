@@ -138,6 +138,10 @@ def test_real_slide_cohort_with_a_broken_slide_recorded(repo, shared_data, tmp_p
         "results/slides/tiny.parquet",
         "results/clusters/tiny/slide_clusters.tsv",
         "results/retrieval/tiny/text_to_tiles.tsv",
+        "results/qupath/tiny/cmu1.geojson",
+        "results/export/tiny/slides.h5ad",
+        "results/export/tiny/h5/cmu1.h5",
+        "results/export/tiny/tiles/cmu1.h5ad",
     ]
     result = snakemake(workdir, *targets, *config)
     assert "P3" in result.stderr  # the patient without a clinical row is named in a warning
@@ -151,6 +155,23 @@ def test_real_slide_cohort_with_a_broken_slide_recorded(repo, shared_data, tmp_p
     assert pq.read_metadata(workdir / "results/embeddings/tiny/cmu1.parquet").num_rows == cohort.loc["cmu1", "n_tiles"]
     clusters = pd.read_csv(workdir / "results/clusters/tiny/slide_clusters.tsv", sep="\t").set_index("slide_id")
     assert clusters.loc["cmu1", "cluster"] == 0 and clusters["cluster"].isna().sum() == 2  # failed slides: none
+    # the exports, failed slides included (the shard's other files are made with the one asked for)
+    n_tiles = cohort.loc["cmu1", "n_tiles"]
+    geojson = json.loads((workdir / "results/qupath/tiny/cmu1.geojson").read_text())
+    kinds = pd.Series([f["properties"]["objectType"] for f in geojson["features"]]).value_counts()
+    assert kinds["detection"] == n_tiles and kinds["annotation"] >= 1
+    assert "tiny" in geojson["histoclip"]["model"] and geojson["histoclip"]["prompt_sets"] == ["nsclc"]
+    failed = json.loads((workdir / "results/qupath/tiny/unreadable.geojson").read_text())
+    assert failed["features"] == [] and failed["histoclip"]["status"] == "error"
+    import anndata
+    import h5py
+
+    slides = anndata.read_h5ad(workdir / "results/export/tiny/slides.h5ad")
+    assert slides.obs_names.tolist() == ["cmu1", "boxes", "unreadable"] and slides.obs.loc["cmu1", "n_tiles"] == n_tiles
+    assert anndata.read_h5ad(workdir / "results/export/tiny/tiles/cmu1.h5ad").n_obs == n_tiles
+    with h5py.File(workdir / "results/export/tiny/h5/cmu1.h5", "r") as f:
+        assert f["features"].shape[0] == f["coords"].shape[0] == n_tiles and f["features"].dtype == np.float32
+        assert f["coords"].attrs["patch_level"] == 0 and f["coords"].attrs["patch_size"] == 224
 
     # the same cohort under the default policy fails, naming each bad slide; the good slide tiled in the same
     # (failed) shard job is kept, and the run after the sheet is fixed reuses it instead of tiling it again
@@ -272,6 +293,50 @@ def test_demo_evidence_and_retrieval_find_the_true_tissue(demo_run):
     assert np.mean([c == "necrosis" for c in truth]) >= 0.75  # measured 12/12
     retrieval = json.loads((results / "retrieval/demo/slide_retrieval.json").read_text())
     assert retrieval["precision_at_k"]["5"] >= 0.8 > retrieval["chance"]["5"]  # measured 1.0 vs 0.48
+
+
+def test_demo_qupath_geojson_and_slide_anndata(demo_run):
+    """The default target's exports: one QuPath GeoJSON per slide whose detections are the slide's tiles with
+    their tile-score files' values, classified where the tile is the slide's best class (and then, on the demo,
+    mostly of that true tissue); and the slides' AnnData with the calls and clusters of the run."""
+    import anndata
+    import shapely
+
+    from histoclip.formats import read_calls, read_tile_scores, tile_classes
+
+    results = demo_run / "results"
+    sheet = pd.read_csv(results / "demo/slides.tsv", sep="\t", dtype=str)
+    calls = read_calls(results / "zeroshot/demo/demo/calls.tsv").set_index("slide_id")
+    agree = []
+    for slide in sheet["slide_id"]:
+        collection = json.loads((results / f"qupath/demo/{slide}.geojson").read_text())
+        tiles = pq.read_table(results / f"tiles/{slide}.parquet").to_pandas()
+        _, _, scores = read_tile_scores(results / f"zeroshot/demo/demo/tile_scores/{slide}.parquet")
+        annotations = [f for f in collection["features"] if f["properties"]["objectType"] == "annotation"]
+        detections = [f for f in collection["features"] if f["properties"]["objectType"] == "detection"]
+        assert annotations and all(shapely.geometry.shape(f["geometry"]).is_valid for f in annotations)
+        assert len(detections) == len(tiles)
+        corners = [tuple(f["geometry"]["coordinates"][0][0]) for f in detections]
+        assert corners == list(zip(tiles["x"], tiles["y"], strict=True))
+        for cls, values in scores.items():
+            got = [f["properties"]["measurements"][f"demo score: {cls}"] for f in detections]
+            np.testing.assert_allclose(got, values, rtol=1e-6, atol=1e-7)
+        classified = [(f, c) for f, c in zip(detections, corners, strict=True) if "classification" in f["properties"]]
+        assert classified and {f["properties"]["classification"]["name"] for f, _ in classified} == {
+            calls.loc[slide, "best"]
+        }
+        truth = tile_classes(results / f"demo/class_maps/{slide}.png", *np.array([c for _, c in classified]).T, 224)
+        agree += [t == f["properties"]["classification"]["name"] for (f, _), t in zip(classified, truth, strict=True)]
+    assert np.mean(agree) >= 0.8  # tiles shown as the call are that tissue (measured 0.94 of 1,543)
+    adata = anndata.read_h5ad(results / "export/demo/slides.h5ad")
+    assert adata.obs_names.tolist() == sheet["slide_id"].tolist() and adata.X.shape[0] == 36
+    assert (
+        adata.obs["demo_call"].astype(str).tolist() == calls.loc[sheet["slide_id"], "call"].replace("", "nan").tolist()
+    )
+    clusters = pd.read_csv(results / "clusters/demo/slide_clusters.tsv", sep="\t", dtype={"slide_id": str})
+    assert adata.obs["cluster"].astype(int).tolist() == clusters["cluster"].tolist()
+    np.testing.assert_allclose(adata.obsm["X_pca"], clusters[["map_1", "map_2"]].to_numpy())
+    assert adata.obs["label"].astype(str).tolist() == sheet["label"].tolist()
 
 
 def test_demo_cox_model_recovers_the_simulated_effects(demo_run):

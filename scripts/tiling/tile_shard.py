@@ -1,5 +1,6 @@
-"""Rules tile_shardNNNNN: each slide of a shard → results/tiles/{slide}.parquet + results/qc/{slide}.png, and the
-shard's rows of the cohort table → results/qc/shards/{shard}.tsv."""
+"""Rules tile_shardNNNNN: each slide of a shard → results/tiles/{slide}.parquet + results/qc/{slide}.png +
+results/qc/tissue/{slide}.png (its tissue mask), and the shard's rows of the cohort table →
+results/qc/shards/{shard}.tsv."""
 
 import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
 
@@ -10,13 +11,14 @@ from histoclip.tiling.shards import SlideToTile, tile_shard
 with rule_log(snakemake.log[0], "histoclip.tile") as log:
     slides = [
         SlideToTile(
-            slide_id, path, tiles, qc, {**snakemake.params.settings, **own}, snakemake.params.mpp_cells[slide_id]
+            slide_id, path, tiles, qc, {**snakemake.params.settings, **own}, snakemake.params.mpp_cells[slide_id], mask
         )
-        for (slide_id, own), path, tiles, qc in zip(
+        for (slide_id, own), path, tiles, qc, mask in zip(
             snakemake.params.slides.items(),
             snakemake.input.slides,
             snakemake.output.tiles,
             snakemake.output.qc,
+            snakemake.output.masks,
             strict=True,
         )
     ]

@@ -9,6 +9,7 @@ file                                                    module
 ======================================================  ============================
 ``results/tiles/{slide}.parquet``                       :mod:`~histoclip.formats.tiles`
 ``results/qc/cohort.tsv``                               :mod:`~histoclip.formats.tiles`
+``results/qc/tissue/{slide}.png`` (tissue mask)         :mod:`~histoclip.formats.tiles`
 ``results/embeddings/{model}/{slide}.parquet``          :mod:`~histoclip.formats.embeddings`
 ``results/embeddings/{model}.tsv`` (+ shard manifests)  :mod:`~histoclip.formats.embeddings`
 ``results/zeroshot/…/text_classifier.parquet``          :mod:`~histoclip.formats.zeroshot`
@@ -16,6 +17,8 @@ file                                                    module
 ``results/zeroshot/…/calls.tsv``                        :mod:`~histoclip.formats.zeroshot`
 ``results/slides/{model}.parquet``                      :mod:`~histoclip.formats.cohort`
 ``results/phenotypes/{model}/*composition.tsv``         :mod:`~histoclip.formats.cohort`
+``results/phenotypes/{model}/phenotypes.tsv``           :mod:`~histoclip.formats.cohort`
+``results/phenotypes/{model}/assignments/{slide}``      :mod:`~histoclip.formats.cohort` (reader)
 ``results/demo/class_maps/{slide}.png``                 :mod:`~histoclip.formats.class_maps`
 ======================================================  ============================
 
@@ -26,6 +29,8 @@ from histoclip.formats.class_maps import read_class_map, read_class_map_classes,
 from histoclip.formats.cohort import (
     PHENOTYPE_PREFIX,
     read_composition,
+    read_phenotype_assignments,
+    read_phenotype_table,
     read_slide_embeddings,
     read_slide_tsv,
     slide_embedding_columns,
@@ -47,11 +52,15 @@ from histoclip.formats.embeddings import (
 from histoclip.formats.tiles import (
     COHORT_COLUMNS,
     TILE_SCHEMA,
+    TissueMask,
     read_cohort_table,
     read_tile_file,
     read_tile_metadata,
+    read_tile_table,
+    read_tissue_mask,
     write_cohort_table,
     write_tile_file,
+    write_tissue_mask,
 )
 from histoclip.formats.zeroshot import (
     CALLS_TEXT_COLUMNS,
@@ -80,6 +89,7 @@ __all__ = [
     "SCORE_PREFIX",
     "TILE_SCHEMA",
     "TextClassifier",
+    "TissueMask",
     "called_classes",
     "embedding_paths",
     "embedding_schema",
@@ -90,6 +100,8 @@ __all__ = [
     "read_cohort_table",
     "read_composition",
     "read_embedding_footer",
+    "read_phenotype_assignments",
+    "read_phenotype_table",
     "read_slide_embeddings",
     "read_slide_tsv",
     "read_text_classifier",
@@ -98,6 +110,8 @@ __all__ = [
     "read_tile_metadata",
     "read_tile_scores",
     "read_tile_scores_metadata",
+    "read_tile_table",
+    "read_tissue_mask",
     "slide_embedding_columns",
     "tile_classes",
     "vectors_column",
@@ -111,4 +125,5 @@ __all__ = [
     "write_text_classifier",
     "write_tile_file",
     "write_tile_scores",
+    "write_tissue_mask",
 ]

@@ -1,6 +1,7 @@
 """Cohort-level files: slide embeddings (``results/slides/{model}.parquet``), phenotype compositions
-(``results/phenotypes/{model}/composition.tsv`` and ``class_composition.tsv``), and the one text reader of
-slide-level TSV tables that analyses join on ``slide_id``.
+(``results/phenotypes/{model}/composition.tsv`` and ``class_composition.tsv``), the phenotype table
+(``phenotypes.tsv``) and per-tile assignments (``assignments/{slide}.parquet``: x, y, phenotype, distance), and the
+one text reader of slide-level TSV tables that analyses join on ``slide_id``.
 
 The slide-embedding file has ``slide_id``, ``patient_id``, ``n_tiles``, ``embedding`` and optionally one
 ``embedding_<class>`` column per class, each a fixed_size_list<float32> with a null where a slide has no tiles.
@@ -23,6 +24,8 @@ from histoclip.errors import InputError
 __all__ = [
     "PHENOTYPE_PREFIX",
     "read_composition",
+    "read_phenotype_assignments",
+    "read_phenotype_table",
     "read_slide_embeddings",
     "read_slide_tsv",
     "slide_embedding_columns",
@@ -101,6 +104,39 @@ def read_composition(path: str | Path) -> pd.DataFrame:
             fix="re-run the phenotypes rule",
         )
     return table
+
+
+def read_phenotype_table(path: str | Path) -> pd.DataFrame:
+    """``phenotypes.tsv``: one row per phenotype (``phenotype_00`` …) in number order, with its size and, when a
+    prompt set named it, ``nearest_class`` ("" where unnamed)."""
+    table = pd.read_csv(path, sep="\t", dtype={"phenotype": str, "nearest_class": str}, keep_default_na=False)
+    if "phenotype" not in table.columns or not table["phenotype"].str.startswith(PHENOTYPE_PREFIX).all():
+        raise InputError(
+            "is not a phenotype table (a phenotype column of phenotype_00 …)",
+            where=str(path),
+            fix="re-run the phenotypes rule",
+        )
+    if "nearest_class" not in table.columns:
+        table["nearest_class"] = ""
+    return table
+
+
+def read_phenotype_assignments(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x, y, phenotype number [N] int, distance to its centroid [N] float32) of one slide's assignment file."""
+    table = pq.read_table(path)
+    missing = {"x", "y", "phenotype", "distance"} - set(table.column_names)
+    if missing:
+        raise InputError(
+            f"is not a phenotype assignment file: no column(s) {sorted(missing)}",
+            where=str(path),
+            fix="re-run the phenotypes rule",
+        )
+    return (
+        table.column("x").to_numpy(),
+        table.column("y").to_numpy(),
+        table.column("phenotype").to_numpy().astype(np.int64),
+        table.column("distance").to_numpy().astype(np.float32),
+    )
 
 
 def read_slide_tsv(path: str | Path, *, kind: str, required: Sequence[str]) -> pd.DataFrame:

@@ -396,9 +396,11 @@ def run_tiling(
     *,
     on_slide_error: str | None = None,
     recorded_path: str | Path | None = None,
+    mask_out: str | Path | None = None,
     **tiling_kwargs: Any,
 ) -> dict[str, Any]:
-    """Tile one slide and write its tile table and QC thumbnail (both atomically); return the metadata.
+    """Tile one slide and write its tile table and QC thumbnail (both atomically); return the metadata. With
+    ``mask_out``, the tissue mask the tiles were measured on is written there too (:func:`formats.write_tissue_mask`).
 
     ``recorded_path``: the slide's own path when ``path`` is a staged copy of it (:mod:`histoclip.staging`): the
     tile file records it and errors name it, so outputs are as if the slide had been read where it is.
@@ -438,9 +440,15 @@ def run_tiling(
         formats.write_tile_file(tiles_out, meta)
         thumbnail = failed_slide_thumbnail(path, slide_id, qc_thumbnail_px)
         qc.save_png(qc.error_thumbnail(slide_id, str(error), thumbnail=thumbnail), qc_out)
+        if mask_out is not None:  # no mask: nothing of a failed slide's size is placed on level 0 from it
+            formats.write_tissue_mask(
+                mask_out, None, failed_metadata(slide_id, meta["patient_id"], recorded, str(error))
+            )
         return meta
     meta = tiling.metadata()
     formats.write_tile_file(tiles_out, meta, tiling.grid.x, tiling.grid.y, tiling.grid.tissue)
+    if mask_out is not None:
+        formats.write_tissue_mask(mask_out, tiling.mask, _mask_metadata(meta))
     image = qc.qc_thumbnail(
         tiling.qc_rgb,
         tiling.mask,
@@ -454,6 +462,12 @@ def run_tiling(
     return meta
 
 
+def _mask_metadata(meta: dict[str, Any]) -> dict[str, Any]:
+    """What a tissue mask says about itself: enough to place it on level 0 without the tile file."""
+    keys = ("slide_id", "status", "level0_width", "level0_height", "level0_mpp", "tissue_mask_mpp", "tissue_params")
+    return {key: meta[key] for key in keys}
+
+
 def run_tiling_from_settings(
     path: str | Path,
     slide_id: str,
@@ -463,6 +477,7 @@ def run_tiling_from_settings(
     *,
     sheet_mpp_cell: str = "",
     recorded_path: str | Path | None = None,
+    mask_out: str | Path | None = None,
 ) -> dict[str, Any]:
     """:func:`run_tiling` with the validated config sections the tile rule passes (see rules/common.smk), and
     where the slide's empty sheet mpp cell is (for messages only: not a setting)."""
@@ -471,6 +486,7 @@ def run_tiling_from_settings(
         slide_id,
         tiles_out,
         qc_out,
+        mask_out=mask_out,
         on_slide_error=settings["on_slide_error"],
         recorded_path=recorded_path,
         patient_id=settings["patient_id"],

@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SlideToTile:
-    """One slide of a tiling shard: its pixels, its two outputs and the settings that decide its tiles."""
+    """One slide of a tiling shard: its pixels, its outputs (tile file, thumbnail and, when asked for, the tissue
+    mask) and the settings that decide its tiles."""
 
     slide_id: str
     path: str
@@ -45,6 +46,11 @@ class SlideToTile:
     #: Where the slide's empty cell of the sheet's ``mpp`` column is, if the sheet has one: for messages only, so
     #: not part of the settings (which make the reuse key: reordering the sheet must not re-tile anything).
     sheet_mpp_cell: str = ""
+    mask_out: str | None = None
+
+    @property
+    def outputs(self) -> list[str]:
+        return [self.tiles_out, self.qc_out] + ([self.mask_out] if self.mask_out else [])
 
 
 @dataclass
@@ -66,7 +72,7 @@ def finished_slide(slide: SlideToTile) -> FinishedSlide:
     try:
         stat = os.stat(slide.path)
     except OSError:
-        return FinishedSlide.of([slide.tiles_out, slide.qc_out], None)
+        return FinishedSlide.of(slide.outputs, None)
     what = {
         "slide_id": slide.slide_id,
         "path": str(Path(slide.path).resolve()),
@@ -79,8 +85,8 @@ def finished_slide(slide: SlideToTile) -> FinishedSlide:
         try:
             what["roi_sha256"] = file_sha256(slide.settings["roi"])
         except OSError:
-            return FinishedSlide.of([slide.tiles_out, slide.qc_out], None)
-    return FinishedSlide.of([slide.tiles_out, slide.qc_out], reuse_key(what))
+            return FinishedSlide.of(slide.outputs, None)
+    return FinishedSlide.of(slide.outputs, reuse_key(what))
 
 
 def _tile_one(slide: SlideToTile, read_path: str) -> dict[str, Any]:
@@ -92,6 +98,7 @@ def _tile_one(slide: SlideToTile, read_path: str) -> dict[str, Any]:
         slide.settings,
         sheet_mpp_cell=slide.sheet_mpp_cell,
         recorded_path=slide.path,
+        mask_out=slide.mask_out,
     )
 
 
