@@ -146,6 +146,20 @@ def skipped_stages():
         skipped.append(("text → tile retrieval galleries", "retrieval.queries is empty (add free-text queries)"))
     if not config["clinical"]:
         skipped.append(("survival (Cox models, Kaplan–Meier curves, c-index)", "no clinical table (set `clinical`)"))
+    if not config["report_alignment"]["reports"]:
+        skipped.append(
+            (
+                "slide–report alignment (report retrieval, report-style zero-shot)",
+                "report_alignment.reports is not set (a table of slide_id or patient_id and report)",
+            )
+        )
+    elif not text_models():
+        skipped.append(
+            (
+                "slide–report alignment (report retrieval, report-style zero-shot)",
+                "no model of embedding.models has a text tower to embed the reports with",
+            )
+        )
     if Path(config["slides"]).exists():
         if not has_labels():
             skipped.append(
@@ -253,6 +267,7 @@ def all_outputs(wildcards):
         *phenotype_outputs(),
         *survival_tables(),
         *survival_figures(),
+        *report_alignment_outputs(),
     ]
 
 

@@ -17,6 +17,7 @@ file                                                    module
 ``results/slides/{model}.parquet``                      :mod:`~histoclip.formats.cohort`
 ``results/phenotypes/{model}/*composition.tsv``         :mod:`~histoclip.formats.cohort`
 ``results/demo/class_maps/{slide}.png``                 :mod:`~histoclip.formats.class_maps`
+``results/report_alignment/{model}/reports.parquet``    :mod:`~histoclip.formats.reports`
 ======================================================  ============================
 
 Atomic writes and Parquet footer metadata are :mod:`histoclip.store`'s (generic); the layouts are here.
@@ -44,6 +45,7 @@ from histoclip.formats.embeddings import (
     write_embedding_manifest,
     write_failed_embedding_file,
 )
+from histoclip.formats.reports import read_report_embeddings, write_report_embeddings
 from histoclip.formats.tiles import (
     COHORT_COLUMNS,
     TILE_SCHEMA,
@@ -90,6 +92,7 @@ __all__ = [
     "read_cohort_table",
     "read_composition",
     "read_embedding_footer",
+    "read_report_embeddings",
     "read_slide_embeddings",
     "read_slide_tsv",
     "read_text_classifier",
@@ -107,6 +110,7 @@ __all__ = [
     "write_composition",
     "write_embedding_manifest",
     "write_failed_embedding_file",
+    "write_report_embeddings",
     "write_slide_embeddings",
     "write_text_classifier",
     "write_tile_file",
