@@ -69,15 +69,15 @@ def bag_reader(bags: dict[str, np.ndarray]):
 def test_split_report_gives_sentences_and_bounds_chunk_length():
     text = "Sections show adenocarcinoma. Necrosis is focal; margins clear.\nBlocks: 4. " + "word " * 30
     chunks = split_report(text, max_chunk_chars=40)
-    assert chunks[:3] == ["Sections show adenocarcinoma.", "Necrosis is focal; margins clear.", "Blocks: 4."]
+    assert chunks[:4] == ["Sections show adenocarcinoma.", "Necrosis is focal;", "margins clear.", "Blocks: 4."]
     assert all(len(c) <= 40 for c in chunks) and " ".join(chunks).split() == text.split()
-    assert split_report("One. Two. Three.", max_chunk_chars=100) == ["One. Two. Three."]
+    assert split_report("One. Two.  Three!", max_chunk_chars=100) == ["One.", "Two.", "Three!"]
 
 
 def test_report_embedding_is_the_renormalised_mean_of_its_chunks():
     vectors = {"A.": [1.0, 0.0], "B.": [0.0, 2.0], "C.": [3.0, 4.0]}
     ids, n_chunks, pooled = embed_reports(
-        lambda texts: np.array([vectors[t] for t in texts]), {"r1": "A. B.", "r2": "C."}, max_chunk_chars=2
+        lambda texts: np.array([vectors[t] for t in texts]), {"r1": "A. B.", "r2": "C."}, max_chunk_chars=20
     )
     assert ids == ["r1", "r2"] and n_chunks == [2, 1]
     np.testing.assert_allclose(pooled, [[2**-0.5, 2**-0.5], [0.6, 0.8]])

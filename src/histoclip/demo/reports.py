@@ -21,41 +21,50 @@ from histoclip.store import atomic_path
 
 __all__ = ["LYMPHOCYTE_GRADES", "NECROSIS_GRADES", "demo_report", "write_demo_reports"]
 
-#: Necrosis grades: (upper bound of the necrotic fraction of tissue, phrasings); {pct} is the percentage.
+#: Necrosis grades: (upper bound of the necrotic fraction of tissue, phrasings); {pct} is the percentage. A slide
+#: without necrosis is described by what is there ("viable tumour"), not by "no necrosis": a frozen CLIP text
+#: tower reads the word, not the negation, and the demo's tower knows only its class words (README).
 NECROSIS_GRADES: tuple[tuple[float, tuple[str, ...]], ...] = (
-    (0.05, ("No tumour necrosis is identified.", "Necrosis is absent.", "Viable tumour without necrosis.")),
+    (
+        0.05,
+        (
+            "Tumour is viable throughout.",
+            "Viable tumour cells throughout the section.",
+            "The tumour is entirely viable.",
+        ),
+    ),
     (
         0.15,
         (
-            "Focal tumour necrosis, about {pct} % of the tissue.",
-            "Small foci of necrotic debris ({pct} %).",
+            "Focal necrosis, about {pct} % of the tissue.",
+            "Small foci of necrosis ({pct} %).",
             "Necrosis is focal ({pct} % of tissue).",
         ),
     ),
     (
         1.01,
         (
-            "Extensive coagulative necrosis, about {pct} % of the tissue.",
-            "Large areas of tumour necrosis ({pct} %).",
-            "Necrotic tissue is abundant, {pct} % of the section.",
+            "Extensive tumour necrosis with necrotic debris, about {pct} % of the tissue.",
+            "Large areas of coagulative necrosis and necrotic tissue ({pct} %).",
+            "Abundant necrotic debris and tumour necrosis, {pct} % of the section.",
         ),
     ),
 )
 #: Lymphocyte grades: (upper bound of the lymphocytic fraction of tissue, phrasings).
 LYMPHOCYTE_GRADES: tuple[tuple[float, tuple[str, ...]], ...] = (
-    (0.09, ("Lymphocytes are sparse.", "Tumour-infiltrating lymphocytes are scant ({pct} %).")),
+    (0.09, ("Few inflammatory cells.", "Inflammation is minimal.")),
     (
         0.11,
         (
-            "A moderate lymphocytic infiltrate ({pct} % of tissue).",
-            "Tumour-infiltrating lymphocytes are present, about {pct} %.",
+            "Tumour-infiltrating lymphocytes, about {pct} % of tissue.",
+            "Some lymphocytes ({pct} % of tissue).",
         ),
     ),
     (
         1.01,
         (
             "A dense lymphocytic infiltrate with lymphoid aggregates ({pct} %).",
-            "Brisk tumour-infiltrating lymphocytes, {pct} % of the tissue.",
+            "Brisk tumour-infiltrating lymphocytes and lymphoid aggregates, {pct} % of the tissue.",
         ),
     ),
 )
@@ -77,21 +86,29 @@ DISTRACTORS = (
 )
 
 
-def _graded(rng: np.random.Generator, fraction: float, grades: tuple[tuple[float, tuple[str, ...]], ...]) -> str:
-    for upper, phrasings in grades:
+def _graded(
+    rng: np.random.Generator, fraction: float, grades: tuple[tuple[float, tuple[str, ...]], ...], synoptic: str
+) -> list[str]:
+    """The sentence of the fact's grade; the top grade is also repeated in the synoptic part of the report (as a
+    prominent finding is), so a report says more about what there is more of."""
+    for grade, (upper, phrasings) in enumerate(grades):
         if fraction < upper:
-            return str(rng.choice(phrasings)).format(pct=int(round(100 * fraction)))
+            pct = int(round(100 * fraction))
+            sentences = [str(rng.choice(phrasings)).format(pct=pct)]
+            if grade == len(grades) - 1:
+                sentences.append(synoptic.format(pct=pct))
+            return sentences
     raise ValueError(f"fraction {fraction} is not in [0, 1]")
 
 
 def demo_report(rng: np.random.Generator, subtype: str, necrosis_fraction: float, lymphocyte_fraction: float) -> str:
-    """One report: diagnosis, necrosis and lymphocyte sentences and 2-4 distractors, in a random order."""
+    """One report: diagnosis, necrosis and lymphocyte sentences and 1-3 distractors, in a random order."""
     facts = [
         str(rng.choice(DIAGNOSIS_PHRASINGS)).format(rng.choice(CLASS_SYNONYMS[subtype])),
-        _graded(rng, necrosis_fraction, NECROSIS_GRADES),
-        _graded(rng, lymphocyte_fraction, LYMPHOCYTE_GRADES),
+        *_graded(rng, necrosis_fraction, NECROSIS_GRADES, "Tumour necrosis: extensive ({pct} %)."),
+        *_graded(rng, lymphocyte_fraction, LYMPHOCYTE_GRADES, "Tumour-infiltrating lymphocytes: brisk ({pct} %)."),
     ]
-    chosen = rng.choice(len(DISTRACTORS), size=int(rng.integers(2, 5)), replace=False)
+    chosen = rng.choice(len(DISTRACTORS), size=int(rng.integers(1, 4)), replace=False)
     noise = [
         DISTRACTORS[i].format(n=int(rng.integers(2, 9)), side=rng.choice(["right", "left"])) for i in sorted(chosen)
     ]

@@ -1,9 +1,9 @@
 """The reports table: which report belongs to which slide, how a report is cut into chunks, and its embedding.
 
 A table (TSV or CSV) with a ``report`` column and a key column, ``slide_id`` (one report per slide) or
-``patient_id`` (one report for all of a patient's slides). Long reports are split into sentences (then
-merged up to ``max_chunk_chars``), because CLIP text towers read a short context (77 tokens, the demo's 32):
-a whole report would be cut off after its first sentences. Each chunk is embedded by the model's own text
+``patient_id`` (one report for all of a patient's slides). Reports are split into sentences (over-long ones
+cut at ``max_chunk_chars``), because CLIP text towers read a short context (77 tokens, the demo's 32): a
+whole report would be cut off after its first sentences. Each chunk is embedded by the model's own text
 tower, L2-normalised, and a report's chunks are averaged and renormalised (the prompt-ensemble rule of
 zero-shot, applied to a report's sentences).
 """
@@ -81,27 +81,20 @@ def read_reports(path: str | Path) -> ReportTable:
 
 
 def split_report(text: str, max_chunk_chars: int) -> list[str]:
-    """Sentences of ``text`` (split after . ! ? ; and at line breaks), consecutive ones merged while the chunk
-    stays within ``max_chunk_chars``; a sentence longer than that is cut at word boundaries."""
+    """Sentences of ``text`` (split after . ! ? ; and at line breaks), one chunk each; a sentence longer than
+    ``max_chunk_chars`` is cut at word boundaries. Sentences are not merged: a CLIP text tower summarises a
+    chunk by its dominant finding, so two findings in one chunk would lose one."""
     if max_chunk_chars < 1:
         raise ValueError(f"max_chunk_chars must be at least 1, got {max_chunk_chars}")
-    pieces: list[str] = []
+    chunks: list[str] = []
     for sentence in (s.strip() for s in _SENTENCE_END.split(text)):
-        if not sentence:
-            continue
         while len(sentence) > max_chunk_chars:
             cut = sentence.rfind(" ", 0, max_chunk_chars + 1)
             cut = cut if cut > 0 else max_chunk_chars
-            pieces.append(sentence[:cut].strip())
+            chunks.append(sentence[:cut].strip())
             sentence = sentence[cut:].strip()
         if sentence:
-            pieces.append(sentence)
-    chunks: list[str] = []
-    for piece in pieces:
-        if chunks and len(chunks[-1]) + 1 + len(piece) <= max_chunk_chars:
-            chunks[-1] = f"{chunks[-1]} {piece}"
-        else:
-            chunks.append(piece)
+            chunks.append(sentence)
     return chunks
 
 

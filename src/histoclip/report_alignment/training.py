@@ -130,8 +130,11 @@ def train_aligner(
     fit, val = split_validation(slides, patients, settings.validation_fraction, settings.seed)
     dim = next(iter(report_embeddings.values())).shape[0]
     model = SlideReportAligner(dim, settings.attention_hidden)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     text = {rid: torch.from_numpy(np.asarray(v, dtype=np.float32)) for rid, v in report_embeddings.items()}
+    with torch.no_grad():
+        means = torch.stack([torch.from_numpy(np.ascontiguousarray(bags(s)[2], dtype=np.float32)).mean(0) for s in fit])
+        model.centre(means, torch.stack([text[r] for r in dict.fromkeys(report_of[s] for s in fit)]))
+    optimiser = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     rng = np.random.default_rng(np.random.SeedSequence([settings.seed, 18, 2]))
     start = time.perf_counter()
 
