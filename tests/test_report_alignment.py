@@ -128,9 +128,8 @@ def test_validation_split_keeps_patients_whole_and_is_seeded():
     patients = [f"p{i // 2}" for i in range(12)]
     fit, val = split_validation(slides, patients, 0.25, seed=3)
     assert (fit, val) == split_validation(slides, patients, 0.25, seed=3)
-    assert len(val) == 4 and not {p for s, p in zip(slides, patients) if s in fit} & {
-        p for s, p in zip(slides, patients) if s in val
-    }
+    patient_of = dict(zip(slides, patients, strict=True))
+    assert len(val) == 4 and not {patient_of[s] for s in fit} & {patient_of[s] for s in val}
     with pytest.raises(InputError, match="only 2 patient"):
         split_validation(["a", "b"], ["p1", "p2"], 0.25, seed=0)
 
@@ -156,9 +155,10 @@ def test_aligner_learns_the_pairing_on_held_out_synthetic_slides_and_is_determin
     chance = 5 / len(held)
     trained = recall_at_5(result.model)
     assert trained >= 3 * chance  # measured 0.95 vs chance 0.25
-    assert result.best_epoch > 0 and result.history[result.best_epoch]["validation_loss"] < result.history[0][
-        "validation_loss"
-    ]
+    assert (
+        result.best_epoch > 0
+        and result.history[result.best_epoch]["validation_loss"] < result.history[0]["validation_loss"]
+    )
 
 
 def test_saved_aligner_loads_back_with_its_provenance(tmp_path):
@@ -180,8 +180,9 @@ def write_cohort(tmp_path, n_slides: int = 16):
     rows, manifest = [], []
     for i, (slide, bag) in enumerate(bags.items()):
         path = tmp_path / "embeddings" / f"{slide}.parquet"
-        writer = formats.EmbeddingFileWriter(path, np.arange(len(bag)) * 224, np.zeros(len(bag), np.int64), DIM,
-                                             "float32", {"slide_id": slide, "weights_sha256": "f" * 64}, row_group_rows=64)  # fmt: skip
+        meta = {"slide_id": slide, "weights_sha256": "f" * 64}
+        x, y = np.arange(len(bag)) * 224, np.zeros(len(bag), np.int64)
+        writer = formats.EmbeddingFileWriter(path, x, y, DIM, "float32", meta, row_group_rows=64)
         writer.add(bag)
         writer.commit(slide)
         patient = "p000" if i < 2 else f"p{i:03d}"
@@ -212,7 +213,9 @@ def test_no_held_out_slide_or_report_is_seen_in_training(tmp_path):
     assert seen == {f"s{i:03d}" for i in range(10)} and not seen & held
     assert not (set(provenance["train_reports"]) | set(provenance["validation_reports"])) & held
     # s000 and s001 are one patient's: on one side of the validation split
-    assert ({"s000", "s001"} <= set(provenance["train_slides"])) or ({"s000", "s001"} <= set(provenance["validation_slides"]))
+    assert ({"s000", "s001"} <= set(provenance["train_slides"])) or (
+        {"s000", "s001"} <= set(provenance["validation_slides"])
+    )
     # a held-out slide's embedding file is never opened: an unreadable one does not disturb training
     (tmp_path / "embeddings" / "s012.parquet").write_bytes(b"not parquet")
     again = pipeline.train(
@@ -238,7 +241,7 @@ def test_demo_reports_state_each_slide_s_truth(tmp_path):
     first = (tmp_path / "reports.tsv").read_bytes()
     write_demo_reports(tmp_path / "truth.tsv", tmp_path / "reports.tsv", seed=0)
     assert (tmp_path / "reports.tsv").read_bytes() == first
-    text = dict(zip(reports["slide_id"], reports["report"].str.lower()))
+    text = dict(zip(reports["slide_id"], reports["report"].str.lower(), strict=True))
     assert any(w in text["a"] for w in ("adenocarcinoma", "glandular carcinoma"))
     assert "squamous" in text["b"] and "squamous" in text["c"] and "squamous" not in text["a"]
     assert "30 %" in text["c"] and "8 %" in text["b"] and "20 %" in text["c"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -47,7 +48,8 @@ def attention_map(
     style: FigureStyle,
     call: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
-    """Draw one slide's attention figure and write its source data (every tile: x, y, attention, rank)."""
+    """Draw one slide's attention figure (PNG only, as the evidence figures: one per slide is for looking, not
+    print) and write its source data (every tile: x, y, attention, attention × tiles, rank)."""
     layout = TileLayout.from_tile_file(tiles_path)
     slide_id = layout.slide_id
     order = np.argsort(-attention, kind="stable")
@@ -57,6 +59,7 @@ def attention_map(
             "x": np.asarray(x, dtype=np.int64),
             "y": np.asarray(y, dtype=np.int64),
             "attention": attention,
+            "relative_attention": attention * len(attention),
             "rank": np.argsort(order) + 1,
         }
     ).sort_values("rank")
@@ -66,7 +69,8 @@ def attention_map(
         images = read_tiles(slide, layout, x[picks], y[picks])
     heat_in, tile_in = 2.6, 1.0
     thumbnail = _read_thumbnail(thumbnail_path, round(1.2 * heat_in * style.dpi))
-    lo, hi = float(attention.min()), float(attention.max())
+    relative = attention * len(attention)  # 1 = the uniform weight of mean pooling, whatever the slide's size
+    lo, hi = float(relative.min()), float(relative.max())
     norm = Normalize(lo, hi if hi - lo > 1e-9 else lo + 1e-9)
     figure = new_figure(style, width_in=max(style.width_in, heat_in + 0.6 + tile_in * max(n, 1)), height_in=2.9)
     with style.context():
@@ -77,15 +81,17 @@ def attention_map(
                 title += f"  |  label: {call['label']}"
         figure.suptitle(title)
         axes = figure.subplots(1, 1 + n, width_ratios=[heat_in + 0.6] + [tile_in] * n, squeeze=False)[0]
-        grid, extent = score_grid(x, y, attention, layout)
+        grid, extent = score_grid(x, y, relative, layout)
         overlay = heatmap_overlay(thumbnail, grid, extent, (layout.level0_width, layout.level0_height), norm)
         _heatmap_panel(axes[0], overlay, layout, x[picks], y[picks], style)
-        axes[0].set_title(f"attention over {len(x)} tiles (uniform = {1 / len(x):.4f})", fontsize=style.font_size)
+        axes[0].set_title(f"attention over {len(x)} tiles", fontsize=style.font_size)
         colorbar = figure.colorbar(
             ScalarMappable(norm, CMAP), ax=axes[0], location="bottom", shrink=0.8, aspect=30, pad=0.02
         )
-        colorbar.set_label("attention weight", fontsize=style.font_size - 1)
+        colorbar.set_label("attention × tiles (1 = uniform)", fontsize=style.font_size - 1)
         for rank, (ax, image, i) in enumerate(zip(axes[1:], images, picks, strict=True)):
-            _tile_panel(ax, image, rank, float(attention[i]), int(x[i]), int(y[i]), style)
-    save_figure(figure, out_stem, style, data=data, title=f"{slide_id}: slide–report attention")
+            _tile_panel(ax, image, rank, float(relative[i]), int(x[i]), int(y[i]), style)
+    save_figure(
+        figure, out_stem, replace(style, formats=("png",)), data=data, title=f"{slide_id}: slide–report attention"
+    )
     return data

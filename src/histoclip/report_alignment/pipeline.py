@@ -228,7 +228,7 @@ def evaluate(
         }
     )
     calls = report_style_calls(
-        slides, aligned_slides, class_vectors, classifier, float(model.logit_scale), abstain_margin, info
+        slides, aligned_slides, class_vectors, classifier, float(model.logit_scale.detach()), abstain_margin, info
     )
     formats.write_calls(out_dir / "calls.tsv", calls)
     called = classifier.called_classes
@@ -269,9 +269,7 @@ def _retrieval_figure(results: dict[str, Any], stem: str | Path, style: FigureSt
             ranks = np.asarray(metrics["ranks"])
             n = metrics["n_candidates"]
             for k in range(1, n + 1):
-                rows.append(
-                    {"model": model_name, "direction": direction, "k": k, "recall": float(np.mean(ranks <= k))}
-                )
+                rows.append({"model": model_name, "direction": direction, "k": k, "recall": float(np.mean(ranks <= k))})
                 if model_name == "aligned":
                     rows.append({"model": "chance", "direction": direction, "k": k, "recall": min(1.0, k / n)})
     data = pd.DataFrame(rows)
