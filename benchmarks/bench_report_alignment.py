@@ -8,7 +8,8 @@ The cohort is bench_clustering.py's (per-slide Parquet files as the embedding st
 random unit vector mixed with the slide's mean tile embedding, so there is something to learn) and is in the
 train split. Timed, in this process, with the workflow's own training function and the schema's default
 settings except ``epochs``: each epoch streams the fit slides' bags from their files (``max_tiles`` drawn per
-slide) and the validation slides' whole bags. Peak RSS is ``ru_maxrss`` of this process.
+slide) and the validation slides' whole bags. Peak RSS is ``ru_maxrss`` of this process; CPU seconds per epoch
+are printed beside wall seconds, with the load average, because the dev machine is shared.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def main() -> None:
     settings = dataclasses.replace(
         AlignmentSettings.from_config(default_config()), epochs=args.epochs, patience=args.epochs + 1
     )
+    cpu_start = time.process_time()
     result = train_aligner(
         bags, slides, [f"p{i}" for i in range(args.slides)], {s: s for s in slides}, reports, settings
     )
@@ -83,6 +85,9 @@ def main() -> None:
                 "epochs": len(result.history) - 1,
                 "train_s": round(result.seconds, 1),
                 "s_per_epoch": round(result.seconds / max(1, len(result.history) - 1), 1),
+                # CPU seconds of this process (all threads): on a shared machine, what the epoch cost, not what it waited
+                "cpu_s_per_epoch": round((time.process_time() - cpu_start) / max(1, len(result.history) - 1), 1),
+                "load_average_1min": round(os.getloadavg()[0], 1),
                 "history": result.history,
                 "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
                 "bag_cache_mb": bags.cache_bytes / 2**20,
