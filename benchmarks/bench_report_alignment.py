@@ -85,7 +85,7 @@ def main() -> None:
                 "epochs": len(result.history) - 1,
                 "train_s": round(result.seconds, 1),
                 "s_per_epoch": round(result.seconds / max(1, len(result.history) - 1), 1),
-                # CPU seconds of this process (all threads): on a shared machine, what the epoch cost, not what it waited
+                # CPU seconds of this process (all threads): on a shared machine, what an epoch cost, not waited
                 "cpu_s_per_epoch": round((time.process_time() - cpu_start) / max(1, len(result.history) - 1), 1),
                 "load_average_1min": round(os.getloadavg()[0], 1),
                 "history": result.history,
