@@ -160,6 +160,13 @@ def skipped_stages():
                 "no model of embedding.models has a text tower to embed the reports with",
             )
         )
+    elif Path(config["slides"]).exists() and not has_train_split():
+        skipped.append(
+            (
+                "slide–report alignment (report retrieval, report-style zero-shot)",
+                f"no slide of {config['slides']} has split = train, the slides the aligner is trained on",
+            )
+        )
     if Path(config["slides"]).exists():
         if not has_labels():
             skipped.append(

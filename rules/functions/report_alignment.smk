@@ -26,9 +26,11 @@ def report_alignment_training_settings(wildcards=None):
 
 
 def report_alignment_outputs(wildcards=None):
-    """retrieval.json, calls.tsv and the retrieval figure per model with a text tower, when reports are given
-    and the sheet exists."""
-    if not Path(config["slides"]).exists() or not prompt_set_names() and not config["report_alignment"]["prompt_set"]:
+    """retrieval.json, calls.tsv and the retrieval figure per model with a text tower, when reports are given,
+    the sheet exists and has a train split (the slides the aligner is trained on)."""
+    if not Path(config["slides"]).exists() or not has_train_split():
+        return []
+    if not prompt_set_names() and not config["report_alignment"]["prompt_set"]:
         return []
     return expand(
         [
