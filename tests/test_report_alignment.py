@@ -248,3 +248,17 @@ def test_demo_reports_state_each_slide_s_truth(tmp_path):
     assert "30 %" in text["c"] and "8 %" in text["b"] and "20 %" in text["c"]
     assert any(w in text["c"] for w in ("extensive", "large areas", "abundant"))
     assert read_reports(tmp_path / "reports.tsv").key == "slide_id"
+
+
+def test_a_slide_that_failed_embedding_is_left_out_and_named(tmp_path, caplog):
+    records = write_cohort(tmp_path)
+    formats.write_failed_embedding_file(
+        tmp_path / "embeddings" / "s003.parquet", DIM, "float32", {"slide_id": "s003", "status": "error"}
+    )
+    provenance = pipeline.train(
+        records, tmp_path / "reports.tsv", tmp_path / "reports.parquet", tmp_path / "embeddings.tsv",
+        settings(epochs=2, batch_size=4), tmp_path / "aligner.safetensors", tmp_path / "training.tsv",
+    )  # fmt: skip
+    assert "s003" not in provenance["train_slides"] + provenance["validation_slides"]
+    assert len(provenance["train_slides"] + provenance["validation_slides"]) == 9
+    assert "slide s003 left out of training: no embedded tiles (status error)" in caplog.text

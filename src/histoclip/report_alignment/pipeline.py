@@ -77,6 +77,27 @@ def _embedding_files(records: Sequence[SlideRecord], manifest: str | Path) -> di
     return {r.slide_id: files[r.slide_id] for r in records}
 
 
+def _with_tiles(
+    pairs: list[tuple[SlideRecord, str]], manifest: str | Path, what: str
+) -> tuple[list[tuple[SlideRecord, str]], dict[str, str]]:
+    """The pairs whose slide has embedded tiles (footers only), and their files; a slide that failed or has no
+    tissue (``on_slide_error: record``) is left out and named in the log, not an error."""
+    files = _embedding_files([r for r, _ in pairs], manifest)
+    kept = []
+    for record, rid in pairs:
+        footer = formats.read_embedding_footer(files[record.slide_id])
+        if footer.n_rows == 0:
+            log.warning(
+                "slide %s left out of %s: no embedded tiles (status %s)",
+                record.slide_id,
+                what,
+                footer.metadata.get("status", "?"),
+            )
+        else:
+            kept.append((record, rid))
+    return kept, {r.slide_id: files[r.slide_id] for r, _ in kept}
+
+
 def train(
     records: Sequence[SlideRecord],
     reports_path: str | Path,
@@ -88,10 +109,10 @@ def train(
     cache_mb: float = 1024.0,
 ) -> dict[str, Any]:
     """Train on the train split's slides with a report; write the weights (safetensors) and the history."""
-    pairs = in_training(records, reports_path)
+    pairs, files = _with_tiles(in_training(records, reports_path), manifest, "training")
     ids, vectors, meta = formats.read_report_embeddings(report_embeddings)
     text = dict(zip(ids, vectors, strict=True))
-    bags = BagReader(_embedding_files([r for r, _ in pairs], manifest), cache_mb)
+    bags = BagReader(files, cache_mb)
     result = train_aligner(
         bags,
         [r.slide_id for r, _ in pairs],
@@ -174,7 +195,7 @@ def evaluate(
 
     out_dir = Path(out_dir)
     model, provenance = load_aligner(weights)
-    pairs = held_out(records, reports_path)
+    pairs, files = _with_tiles(held_out(records, reports_path), manifest, "evaluation")
     seen = set(provenance["train_slides"]) | set(provenance["validation_slides"])
     seen_reports = set(provenance["train_reports"]) | set(provenance["validation_reports"])
     leaked = [r.slide_id for r, rid in pairs if r.slide_id in seen or rid in seen_reports]
@@ -195,7 +216,7 @@ def evaluate(
     report_ids = list(dict.fromkeys(slide_reports))
     ids, vectors, _ = formats.read_report_embeddings(report_embeddings)
     text = dict(zip(ids, vectors, strict=True))
-    bags = BagReader(_embedding_files([r for r, _ in pairs], manifest))
+    bags = BagReader(files)
     text_matrix = torch.from_numpy(np.stack([text[r] for r in report_ids]).astype(np.float32))
     results: dict[str, Any] = {}
     for name, aligner in (("aligned", model), ("untrained", _untrained(model.dim))):
