@@ -146,6 +146,27 @@ def skipped_stages():
         skipped.append(("text → tile retrieval galleries", "retrieval.queries is empty (add free-text queries)"))
     if not config["clinical"]:
         skipped.append(("survival (Cox models, Kaplan–Meier curves, c-index)", "no clinical table (set `clinical`)"))
+    if not config["report_alignment"]["reports"]:
+        skipped.append(
+            (
+                "slide–report alignment (report retrieval, report-style zero-shot)",
+                "report_alignment.reports is not set (a table of slide_id or patient_id and report)",
+            )
+        )
+    elif not text_models():
+        skipped.append(
+            (
+                "slide–report alignment (report retrieval, report-style zero-shot)",
+                "no model of embedding.models has a text tower to embed the reports with",
+            )
+        )
+    elif Path(config["slides"]).exists() and not has_train_split():
+        skipped.append(
+            (
+                "slide–report alignment (report retrieval, report-style zero-shot)",
+                f"no slide of {config['slides']} has split = train, the slides the aligner is trained on",
+            )
+        )
     if Path(config["slides"]).exists():
         if not has_labels():
             skipped.append(
@@ -254,6 +275,7 @@ def all_outputs(wildcards):
         *survival_tables(),
         *survival_figures(),
         *export_outputs(),
+        *report_alignment_outputs(),
     ]
 
 

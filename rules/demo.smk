@@ -11,6 +11,7 @@ rule demo_cohort:
         clinical=f"{DEMO_DIR}/clinical.tsv",
         coefficients=f"{DEMO_DIR}/true_coefficients.tsv",
         captions=f"{DEMO_DIR}/captions.tsv",
+        reports=f"{DEMO_DIR}/reports.tsv",
         slides=directory(f"{DEMO_DIR}/slides"),
         class_maps=directory(f"{DEMO_DIR}/class_maps"),
     params:

@@ -50,6 +50,7 @@ def test_a_real_cohort_from_the_template_plans_no_demo_stage_and_says_what_it_le
     assert notes == [
         "text → tile retrieval galleries",
         "survival (Cox models, Kaplan–Meier curves, c-index)",
+        "slide–report alignment (report retrieval, report-style zero-shot)",
         "confusion/ROC figures, prompt sensitivity and few-shot",
     ], result.stderr
     assert "has no `label` values" in result.stderr and "no clinical table (set `clinical`)" in result.stderr

@@ -339,6 +339,42 @@ def test_demo_qupath_geojson_and_slide_anndata(demo_run):
     assert adata.obs["label"].astype(str).tolist() == sheet["label"].tolist()
 
 
+def test_demo_report_alignment_retrieves_reports_and_calls_subtypes_on_held_out_slides(demo_run):
+    """Slide–report alignment on the demo (issue 18's bars): trained on the train split only; report → slide
+    recall@5 at least 3× chance on the held-out slides; report-style zero-shot balanced accuracy >= 0.9."""
+    from histoclip.report_alignment.training import load_aligner
+
+    results = demo_run / "results/report_alignment/demo"
+    sheet = pd.read_csv(demo_run / "results/demo/slides.tsv", sep="\t")
+    train_slides = set(sheet.loc[sheet["split"] == "train", "slide_id"])
+    retrieval = json.loads((results / "retrieval.json").read_text())
+    held_out = set(retrieval["held_out_slides"])
+    assert held_out == set(sheet["slide_id"]) - train_slides and set(retrieval["held_out_reports"]) == held_out
+    _, provenance = load_aligner(results / "aligner.safetensors")
+    seen = set(provenance["train_slides"]) | set(provenance["validation_slides"])
+    assert seen == train_slides and not seen & held_out  # no held-out slide seen in training
+    assert not (set(provenance["train_reports"]) | set(provenance["validation_reports"])) & held_out
+    to_slide = retrieval["aligned"]["report_to_slide"]
+    assert to_slide["n_candidates"] == len(held_out) >= 15
+    assert to_slide["recall_at"]["5"] >= 3 * to_slide["chance_recall_at"]["5"]  # measured 0.70 vs 0.22
+    assert to_slide["median_rank"] < to_slide["chance_median_rank"]
+    calls = pd.read_csv(results / "calls.tsv", sep="\t", keep_default_na=False)
+    assert list(calls.columns[:6]) == ["slide_id", "call", "p_adenocarcinoma", "p_squamous", "margin", "abstain"]
+    assert set(calls["slide_id"]) == held_out
+    evaluation = json.loads((results / "evaluation.json").read_text())
+    assert evaluation["n"] == len(held_out) and evaluation["balanced_accuracy"] >= 0.9  # measured 1.0
+    comparison = pd.read_csv(results / "comparison.tsv", sep="\t").set_index("method")
+    assert comparison["n"].tolist() == [len(held_out)] * 2
+    tile_level = json.loads((demo_run / "results/zeroshot/demo/demo/evaluation.json").read_text())
+    assert comparison.loc["tile-level top-K zero-shot", "balanced_accuracy"] == pytest.approx(
+        tile_level["balanced_accuracy"]
+    )
+    assert len(list((results / "attention").glob("*.png"))) == 6
+    attention = pd.read_csv(sorted((results / "attention").glob("*.tsv"))[0], sep="\t")
+    assert attention["attention"].sum() == pytest.approx(1.0, abs=1e-4)
+    assert (demo_run / "results/figures/report_alignment/demo/retrieval.tsv").stat().st_size > 0
+
+
 def test_demo_cox_model_recovers_the_simulated_effects(demo_run):
     """Covariates derived by the pipeline itself (zero-shot subtype call, necrosis fraction of the tile
     phenotypes, age) recover the signs of the Cox model the demo's survival was drawn from, and each 95 %
@@ -410,3 +446,4 @@ def test_a_plotting_option_redraws_exactly_the_figures_that_use_it(demo_run):
     restyled = jobs_to_run(snakemake(demo_run, "-n", *DEMO, "font.yaml"))
     assert {"figure_cohort_qc", "figure_zeroshot", "figure_survival", "phenotype_gallery"} <= restyled
     assert not restyled & {"tile", "train_clip", "encode_prompts", "zeroshot", "survival", "phenotypes"}
+    assert not restyled & {"encode_reports", "train_alignment"}  # redrawing never re-trains the aligner

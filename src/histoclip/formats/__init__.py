@@ -20,6 +20,7 @@ file                                                    module
 ``results/phenotypes/{model}/phenotypes.tsv``           :mod:`~histoclip.formats.cohort`
 ``results/phenotypes/{model}/assignments/{slide}``      :mod:`~histoclip.formats.cohort` (reader)
 ``results/demo/class_maps/{slide}.png``                 :mod:`~histoclip.formats.class_maps`
+``results/report_alignment/{model}/reports.parquet``    :mod:`~histoclip.formats.reports`
 ======================================================  ============================
 
 Atomic writes and Parquet footer metadata are :mod:`histoclip.store`'s (generic); the layouts are here.
@@ -49,6 +50,7 @@ from histoclip.formats.embeddings import (
     write_embedding_manifest,
     write_failed_embedding_file,
 )
+from histoclip.formats.reports import read_report_embeddings, write_report_embeddings
 from histoclip.formats.tiles import (
     COHORT_COLUMNS,
     TILE_SCHEMA,
@@ -102,6 +104,7 @@ __all__ = [
     "read_embedding_footer",
     "read_phenotype_assignments",
     "read_phenotype_table",
+    "read_report_embeddings",
     "read_slide_embeddings",
     "read_slide_tsv",
     "read_text_classifier",
@@ -121,6 +124,7 @@ __all__ = [
     "write_composition",
     "write_embedding_manifest",
     "write_failed_embedding_file",
+    "write_report_embeddings",
     "write_slide_embeddings",
     "write_text_classifier",
     "write_tile_file",
