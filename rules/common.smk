@@ -163,7 +163,25 @@ def skipped_stages():
                     "`split` column: train / test)",
                 )
             )
+    skipped += mil_skipped()
     return skipped
+
+
+def mil_skipped():
+    """MIL tasks left out: none declared, or a task whose label column the sheet lacks (or leaves empty)."""
+    if not config["mil"]["tasks"]:
+        return [("MIL (ABMIL and mean pooling)", "mil.tasks is empty (declare a task: a label column and its classes)")]
+    if not Path(config["slides"]).exists():
+        return []
+    ready = mil_tasks_ready()
+    return [
+        (
+            f"MIL task {name}",
+            f"the cohort sheet {config['slides']} has no `{task['label_column']}` values to train on (add the column)",
+        )
+        for name, task in config["mil"]["tasks"].items()
+        if name not in ready
+    ]
 
 
 @functools.cache
@@ -251,6 +269,7 @@ def all_outputs(wildcards):
         *evidence_figures(),
         *retrieval_outputs(),
         *phenotype_outputs(),
+        *mil_outputs(),
         *survival_tables(),
         *survival_figures(),
     ]

@@ -15,6 +15,7 @@ file                                                    module
 ``results/zeroshot/…/tile_scores/{slide}.parquet``      :mod:`~histoclip.formats.zeroshot`
 ``results/zeroshot/…/calls.tsv``                        :mod:`~histoclip.formats.zeroshot`
 ``results/slides/{model}.parquet``                      :mod:`~histoclip.formats.cohort`
+``results/mil/…/attention/{slide}.parquet``             :mod:`~histoclip.formats.mil`
 ``results/phenotypes/{model}/*composition.tsv``         :mod:`~histoclip.formats.cohort`
 ``results/demo/class_maps/{slide}.png``                 :mod:`~histoclip.formats.class_maps`
 ======================================================  ============================
@@ -44,6 +45,7 @@ from histoclip.formats.embeddings import (
     write_embedding_manifest,
     write_failed_embedding_file,
 )
+from histoclip.formats.mil import ATTENTION_COLUMNS, read_attention, write_attention
 from histoclip.formats.tiles import (
     COHORT_COLUMNS,
     TILE_SCHEMA,
@@ -70,6 +72,7 @@ from histoclip.formats.zeroshot import (
 )
 
 __all__ = [
+    "ATTENTION_COLUMNS",
     "CALLS_TEXT_COLUMNS",
     "COHORT_COLUMNS",
     "DTYPES",
@@ -84,6 +87,7 @@ __all__ = [
     "embedding_paths",
     "embedding_schema",
     "probability_column",
+    "read_attention",
     "read_calls",
     "read_class_map",
     "read_class_map_classes",
@@ -101,6 +105,7 @@ __all__ = [
     "slide_embedding_columns",
     "tile_classes",
     "vectors_column",
+    "write_attention",
     "write_calls",
     "write_class_map",
     "write_cohort_table",
