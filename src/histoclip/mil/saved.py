@@ -71,13 +71,13 @@ class SavedMil:
 
 def load_mil_model(path: str | os.PathLike[str]) -> SavedMil:
     """Read a model file written by :func:`save_mil_model`; anything else is an error naming the file."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as file:
             header = (file.metadata() or {}).get(HEADER_KEY)
             tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise InputError(
             f"cannot be read as a MIL model file ({exc})",
             where=str(path),
