@@ -145,7 +145,12 @@ def skipped_stages():
     if not config["retrieval"]["queries"]:
         skipped.append(("text → tile retrieval galleries", "retrieval.queries is empty (add free-text queries)"))
     if not config["clinical"]:
-        skipped.append(("survival (Cox models, Kaplan–Meier curves, c-index)", "no clinical table (set `clinical`)"))
+        skipped.append(
+            (
+                "survival (Cox models, Kaplan–Meier curves, c-index, image + clinical c-index)",
+                "no clinical table (set `clinical`)",
+            )
+        )
     if Path(config["slides"]).exists():
         if not has_labels():
             skipped.append(
@@ -272,6 +277,7 @@ def all_outputs(wildcards):
         *mil_outputs(),
         *survival_tables(),
         *survival_figures(),
+        *survival_multimodal_outputs(),
     ]
 
 
