@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pytest
 
 from histoclip.config import default_config
 from histoclip.formats import vectors_column, write_slide_embeddings
