@@ -34,6 +34,8 @@ wildcard_constraints:
     model="|".join(map(re.escape, config["models"])),
     promptset=r"[A-Za-z0-9._-]+",
     trained="|".join(map(re.escape, config["training"])) or "(?!)",
+    milmodel="abmil|mean",
+    task=r"[A-Za-z0-9._-]+",
 
 
 @functools.cache
@@ -169,6 +171,14 @@ def skipped_stages():
                 )
             )
     skipped += mil_skipped()
+    if Path(config["slides"]).exists() and not has_sites():
+        skipped.append(
+            (
+                "site audit",
+                f"the cohort sheet {config['slides']} has no `{config['audit']['site_column']}` values (add the "
+                "hospital of each slide, or set audit.site_from: tcga_barcode for TCGA barcodes)",
+            )
+        )
     return skipped
 
 
@@ -278,6 +288,7 @@ def all_outputs(wildcards):
         *survival_tables(),
         *survival_figures(),
         *survival_multimodal_outputs(),
+        *audit_outputs(),
     ]
 
 

@@ -6,11 +6,6 @@
 include: "functions/mil.smk"
 
 
-wildcard_constraints:
-    milmodel="abmil|mean",
-    task=r"[A-Za-z0-9._-]+",
-
-
 rule mil:
     input:
         embeddings=embedding_manifest,
@@ -43,6 +38,8 @@ rule mil_task_calls:
         "results/mil/{model}/{task}/calls.tsv",
     log:
         "results/logs/mil/{model}/{task}/calls.log",
+    conda:
+        "../envs/stats.yaml"
     shell:
         "cp {input} {output}.tmp && mv {output}.tmp {output} 2> {log}"
 

@@ -1,6 +1,6 @@
 # Input functions, settings and output lists of the MIL stage (rules/mil.smk).
 
-#: Settings keys of rule mil (the rest of `mil` is evidence, deploy or the task list: changing them re-trains nothing).
+#: The `mil` keys that decide training (evidence, deploy and the task list re-train nothing when they change).
 MIL_TRAINING_KEYS = (
     "folds",
     "validation_fraction",

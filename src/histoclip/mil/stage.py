@@ -21,23 +21,14 @@ from histoclip.mil.bags import BagReader
 from histoclip.mil.crossval import evaluate_calls, labelled_slides, run_mil
 from histoclip.mil.saved import deploy, load_mil_model, save_mil_model
 from histoclip.mil.settings import MilSettings, MilTask
-from histoclip.sheets import read_cohort_sheet
+from histoclip.sheets import sheet_frame
 
-__all__ = ["MilOutputs", "deploy_cohort", "sheet_frame", "train_task"]
+__all__ = ["MilOutputs", "deploy_cohort", "train_task"]
 
 log = logging.getLogger(__name__)
 
 #: Embedding-footer keys copied into a saved model's provenance.
 EMBEDDING_PROVENANCE = ("model_name", "architecture", "weights_sha256", "dim", "preprocessing", "backend")
-
-
-def sheet_frame(sheet: str | Path) -> pd.DataFrame:
-    """The cohort sheet as a frame: slide_id, patient_id, label ("" where none) and its other columns."""
-    records = read_cohort_sheet(sheet, check_files=False)
-    rows = [
-        {"slide_id": r.slide_id, "patient_id": r.patient_id, "label": r.label or ""} | dict(r.extra) for r in records
-    ]
-    return pd.DataFrame(rows).fillna("")
 
 
 def _bags(manifest: str | Path, slide_ids: Sequence[str]) -> tuple[BagReader, dict[str, int], dict[str, Any]]:
