@@ -123,6 +123,25 @@ def test_saved_model_has_provenance_and_deploys_on_a_new_cohort(abmil, tmp_path)
     assert sorted(calls["slide_id"]) == sorted(truth["slide_id"]) and set(calls["fold"]) == {"ensemble"}
     assert scored["balanced_accuracy"] >= 0.9
     assert (tmp_path / "att" / f"{truth['slide_id'].iloc[0]}.parquet").exists()
+    # the same from the command line
+    from histoclip.cli import main
+
+    assert (
+        main(
+            [
+                "deploy",
+                str(out.model),
+                "--sheet",
+                str(sheet),
+                "--embeddings",
+                str(manifest),
+                "--out",
+                str(tmp_path / "cli.tsv"),
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "cli.tsv").read_bytes() == (tmp_path / "calls.tsv").read_bytes()
     # embeddings of other weights are refused, naming both
     sheet, manifest, _ = signal_cohort(tmp_path / "other", n_patients=4, sha="cd" * 32)
     with pytest.raises(InputError, match="embedded with weights cdcdcdcdcdcd.*trained on embeddings of synthetic"):
