@@ -106,7 +106,12 @@ def test_clusters_phenotypes_calls_and_cox_against_site(tmp_path):
         tmp_path / "patients.tsv",
         tmp_path / "cox.tsv",
     )
-    table, _ = run_site_audit(inputs, SETTINGS)
+    table, facts = run_site_audit(inputs, SETTINGS)
+    from histoclip.audit.site import plot_site_audit
+    from histoclip.plots import FigureStyle
+
+    written = plot_site_audit(table, facts, tmp_path / "site", FigureStyle.from_config(default_config()), title="t")
+    assert all(p.stat().st_size for p in written) and len(written) == 3
     by = table.set_index(["analysis", "quantity", "group"])
     clusters = by.loc[("slide_clusters", "adjusted_rand_index", "")]
     assert clusters["value"] == pytest.approx(1.0) and clusters["p_value"] <= 0.05

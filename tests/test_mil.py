@@ -204,7 +204,7 @@ def test_evidence_slides_take_each_class_best_call_then_the_worst_errors():
     assert attention_percentiles(np.array([0.1, 0.5, 0.2, 0.2])).tolist() == pytest.approx([0, 1, 0.5, 0.5])
 
 
-def test_comparison_scores_every_method_on_the_same_held_out_slides(caplog):
+def test_comparison_scores_every_method_on_the_same_held_out_slides(caplog, tmp_path):
     rng = np.random.default_rng(0)
     n = 40
     labels = np.array(["a", "b"] * (n // 2))
@@ -242,6 +242,13 @@ def test_comparison_scores_every_method_on_the_same_held_out_slides(caplog):
     assert table.set_index("method").loc["mil_abmil", "balanced_accuracy"] == 1.0
     k2 = table[(table["method"] == "fewshot_prototype") & (table["k"] == 2)].iloc[0]
     assert k2["balanced_accuracy"] == pytest.approx(0.8) and k2["interval"] == "spread over 3 draws"
+    from histoclip.mil.comparison import plot_comparison
+    from histoclip.plots import FigureStyle
+
+    written = plot_comparison(
+        table, tmp_path / "comparison", FigureStyle.from_config(default_config()), chance=0.5, title="t"
+    )
+    assert sorted(p.suffix for p in written) == [".pdf", ".png", ".tsv"] and all(p.stat().st_size for p in written)
     with pytest.raises(InputError, match=r"MIL task's classes \['a', 'c'\] are not the prompt set's"):
         compare_methods(zeroshot, fewshot, {"abmil": mil.rename(columns={"p_b": "p_c"})})
     with caplog.at_level(logging.WARNING):

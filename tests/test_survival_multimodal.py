@@ -122,3 +122,9 @@ def test_the_table_of_a_cohort_from_its_files(tmp_path):
     assert (result["endpoint"] == "os").all() and (result["n"] == 60).all()
     assert result.loc[0, "covariates"] == "clinical:age" and result["c_index"].notna().all()
     assert result.loc[2, "penalizer_median"] in SETTINGS.penalizers
+    from histoclip.plots import FigureStyle
+    from histoclip.survival.multimodal import plot_multimodal
+
+    written = plot_multimodal(result, tmp_path / "figure", FigureStyle.from_config(config), title="t")
+    assert pd.read_csv(tmp_path / "figure.tsv", sep="\t")["model"].tolist() == ["clinical", "image", "combined"]
+    assert all(p.stat().st_size for p in written)
