@@ -169,7 +169,7 @@ def slide_attention_figure(
                 tax.set_visible(False)
                 continue
             tax.imshow(images[i])
-            tax.set_title(f"#{i + 1}  {attention[picks[i]] * len(x):.1f}× mean", fontsize=style.font_size - 1)
+            tax.set_title(f"#{i + 1}  {attention[picks[i]] * len(x):.2f}× mean", fontsize=style.font_size - 1)
             tax.set_xlabel(f"x {int(x[picks[i]])}, y {int(y[picks[i]])}", fontsize=style.font_size - 2)
     save_figure(figure, out_stem, style, data=data, title=f"{slide_id}: {model} attention")
     return data
