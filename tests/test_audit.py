@@ -123,6 +123,13 @@ def test_clusters_phenotypes_calls_and_cox_against_site(tmp_path):
     cox = by.loc[("cox_stratified_by_site", "clinical:age", "os")]
     assert cox["lower_95"] <= cox["value"] <= cox["upper_95"] and cox["n"] == n
     assert cox["reference"] == pytest.approx(cox["value"], rel=0.1)  # age is not confounded with site here
+    # a multivariable model that was not fitted is said to be so, not silently skipped
+    pd.DataFrame({"endpoint": ["os"], "covariate": ["clinical:age"], "fitted": [False]}).to_csv(
+        tmp_path / "cox.tsv", sep="\t", index=False
+    )
+    table, _ = run_site_audit(inputs, SETTINGS)
+    row = table[table["analysis"] == "cox_stratified_by_site"].iloc[0]
+    assert row["quantity"] == "not fitted" and "was not fitted" in row["note"]
 
 
 def test_sites_from_a_column_or_from_tcga_barcodes():

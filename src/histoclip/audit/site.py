@@ -241,6 +241,10 @@ def cox_by_site(
 
     rows = []
     fitted = cox[cox["fitted"].astype(str).str.lower() == "true"] if "fitted" in cox.columns else cox
+    for endpoint in dict.fromkeys(cox["endpoint"]):
+        if endpoint not in set(fitted["endpoint"]):
+            note = "the multivariable Cox model was not fitted (cox_multivariable.tsv says why): nothing to stratify"
+            rows.append(_row("cox_stratified_by_site", "not fitted", np.nan, group=str(endpoint), note=note))
     for endpoint, group in fitted.groupby("endpoint", sort=False):
         covariates = [c for c in dict.fromkeys(group["covariate"]) if c in patients.columns]
         time, event = f"time_{endpoint}", f"event_{endpoint}"
@@ -333,7 +337,7 @@ def plot_site_audit(
         ax.set_ylabel("share of zero-shot calls")
         ax.set_title("calls per site")
         ax = axes[3]
-        cox = table[table["analysis"] == "cox_stratified_by_site"]
+        cox = table[(table["analysis"] == "cox_stratified_by_site") & table["value"].notna()]
         for i, row in enumerate(cox.itertuples()):
             ax.plot([row.lower_95, row.upper_95], [i, i], color="C0")
             ax.plot(row.value, i, "o", color="C0", label="stratified by site" if i == 0 else None)
