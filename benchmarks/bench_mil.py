@@ -89,7 +89,7 @@ def main() -> None:
     train_s = time.perf_counter() - start
     model = load_state("abmil", args.dim, 2, settings.architecture(), fit.state, device)
     start = time.perf_counter()
-    called = sum(int((p.argmax() == index[labels[bag.slide_id]])) for bag, p, _ in predict([model], bags, test, device))
+    called = sum(int(p.argmax() == index[labels[bag.slide_id]]) for bag, p, _ in predict([model], bags, test, device))
     predict_s = time.perf_counter() - start
     epoch_s = train_s / fit.epochs_run
     data_gb = sum(f.stat().st_size for f in files) / 1e9
