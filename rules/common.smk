@@ -34,6 +34,8 @@ wildcard_constraints:
     model="|".join(map(re.escape, config["models"])),
     promptset=r"[A-Za-z0-9._-]+",
     trained="|".join(map(re.escape, config["training"])) or "(?!)",
+    milmodel="abmil|mean",
+    task=r"[A-Za-z0-9._-]+",
 
 
 @functools.cache
@@ -145,7 +147,12 @@ def skipped_stages():
     if not config["retrieval"]["queries"]:
         skipped.append(("text → tile retrieval galleries", "retrieval.queries is empty (add free-text queries)"))
     if not config["clinical"]:
-        skipped.append(("survival (Cox models, Kaplan–Meier curves, c-index)", "no clinical table (set `clinical`)"))
+        skipped.append(
+            (
+                "survival (Cox models, Kaplan–Meier curves, c-index, image + clinical c-index)",
+                "no clinical table (set `clinical`)",
+            )
+        )
     if not config["report_alignment"]["reports"]:
         skipped.append(
             (
@@ -184,7 +191,33 @@ def skipped_stages():
                     "`split` column: train / test)",
                 )
             )
+    skipped += mil_skipped()
+    if Path(config["slides"]).exists() and not has_sites():
+        skipped.append(
+            (
+                "site audit",
+                f"the cohort sheet {config['slides']} has no `{config['audit']['site_column']}` values (add the "
+                "hospital of each slide, or set audit.site_from: tcga_barcode for TCGA barcodes)",
+            )
+        )
     return skipped
+
+
+def mil_skipped():
+    """MIL tasks left out: none declared, or a task whose label column the sheet lacks (or leaves empty)."""
+    if not config["mil"]["tasks"]:
+        return [("MIL (ABMIL and mean pooling)", "mil.tasks is empty (declare a task: a label column and its classes)")]
+    if not Path(config["slides"]).exists():
+        return []
+    ready = mil_tasks_ready()
+    return [
+        (
+            f"MIL task {name}",
+            f"the cohort sheet {config['slides']} has no `{task['label_column']}` values to train on (add the column)",
+        )
+        for name, task in config["mil"]["tasks"].items()
+        if name not in ready
+    ]
 
 
 @functools.cache
@@ -272,10 +305,13 @@ def all_outputs(wildcards):
         *evidence_figures(),
         *retrieval_outputs(),
         *phenotype_outputs(),
+        *mil_outputs(),
         *survival_tables(),
         *survival_figures(),
         *export_outputs(),
         *report_alignment_outputs(),
+        *survival_multimodal_outputs(),
+        *audit_outputs(),
     ]
 
 

@@ -68,3 +68,38 @@ rule survival_all:
     input:
         survival_tables,
         survival_figures,
+        survival_multimodal_outputs,
+
+
+# Image + clinical survival: clinical-only, image-only (penalised Cox on PCA of the slide embeddings, fitted inside
+# each training fold) and combined Cox models, cross-validated c-index on the same folds, and their figure.
+
+
+rule survival_multimodal:
+    input:
+        clinical=config["clinical"] or [],
+        sheet=config["slides"],
+        slides="results/slides/{model}.parquet",
+    output:
+        table=report(
+            "results/survival/{model}/cindex_multimodal.tsv",
+            caption="../config/report/survival_multimodal.rst",
+            category="6. Survival",
+            subcategory="{model}",
+        ),
+        **figure_outputs(
+            "results/figures/survival/{model}/cindex_multimodal",
+            caption="survival_multimodal.rst",
+            category="6. Survival",
+            subcategory="{model}",
+        ),
+    params:
+        settings=survival_settings(),
+        style=figure_style,
+    log:
+        "results/logs/survival/{model}_multimodal.log",
+    threads: 1
+    conda:
+        "../envs/stats.yaml"
+    script:
+        "../scripts/survival/survival_multimodal.py"

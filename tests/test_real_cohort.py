@@ -49,11 +49,14 @@ def test_a_real_cohort_from_the_template_plans_no_demo_stage_and_says_what_it_le
     notes = re.findall(r"left out of the default target: ([^:]+):", result.stderr)
     assert notes == [
         "text → tile retrieval galleries",
-        "survival (Cox models, Kaplan–Meier curves, c-index)",
+        "survival (Cox models, Kaplan–Meier curves, c-index, image + clinical c-index)",
         "slide–report alignment (report retrieval, report-style zero-shot)",
         "confusion/ROC figures, prompt sensitivity and few-shot",
+        "MIL (ABMIL and mean pooling)",
+        "site audit",
     ], result.stderr
     assert "has no `label` values" in result.stderr and "no clinical table (set `clinical`)" in result.stderr
+    assert "mil.tasks is empty" in result.stderr and "has no `site` values" in result.stderr
 
 
 def test_the_template_unfilled_stops_the_run_naming_the_key(cohort):

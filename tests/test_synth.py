@@ -158,7 +158,7 @@ def test_write_large_slide_small_version(tmp_path: Path) -> None:
 
 
 def test_sheet(cohort: DemoCohort, sheet: pd.DataFrame) -> None:
-    assert list(sheet.columns) == ["slide_id", "patient_id", "path", "label", "split"]
+    assert list(sheet.columns) == ["slide_id", "patient_id", "path", "label", "split", "site"]
     assert sheet["slide_id"].is_unique
     assert all(SAFE_ID.fullmatch(s) for s in sheet["slide_id"])
     assert sheet["patient_id"].nunique() == 32 and len(sheet) == 36
@@ -310,6 +310,27 @@ def test_byte_identical_for_a_seed_whatever_the_workers(tmp_path: Path) -> None:
     assert digests == _digests(b.root)
     assert digests != _digests(c.root)
     assert not [p for p in a.root.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_site_effect_shifts_the_stain_of_the_second_site_only(tmp_path: Path) -> None:
+    """Half the patients per site; with demo.site_effect the site-B slides are darker (denser stain) and the
+    site-A slides, like everything else the generator draws, are byte for byte those of a cohort without it."""
+    kwargs = {"n_patients": 4, "extra_slides": 0, "slide_px": 512, "workers": 1}
+    plain = make_demo_cohort(tmp_path / "plain", **kwargs)
+    shifted = make_demo_cohort(tmp_path / "shifted", site_effect=0.3, **kwargs)
+    sheet = pd.read_csv(shifted.sheet, sep="\t")
+    assert sheet["site"].value_counts().to_dict() == {"site-A": 2, "site-B": 2}
+    assert pd.read_csv(plain.sheet, sep="\t").equals(sheet)
+    assert plain.clinical.read_bytes() == shifted.clinical.read_bytes()
+    for row in sheet.itertuples():
+        a, b = (tifffile.imread(cohort.root / row.path, level=0) for cohort in (plain, shifted))
+        if row.site == "site-A":
+            assert np.array_equal(a, b), row.slide_id
+        else:
+            tissue = a.mean(axis=2) < 200
+            assert b[tissue].mean() < a[tissue].mean() - 10, row.slide_id  # denser stain: darker tissue
+    with pytest.raises(ValueError, match="site_effect"):
+        make_demo_cohort(tmp_path / "bad", site_effect=2.0)
 
 
 def test_rejects_unusable_arguments(tmp_path: Path) -> None:

@@ -90,6 +90,16 @@ def survival_tables(wildcards=None):
     return expand("results/survival/{model}/{name}.tsv", model=survival_models(), name=names)
 
 
+def survival_multimodal_outputs(wildcards=None):
+    """Image + clinical c-index table and figure of every embedding model (none without a clinical table)."""
+    if not config["clinical"]:
+        return []
+    return expand(
+        ["results/survival/{model}/cindex_multimodal.tsv", "results/figures/survival/{model}/cindex_multimodal.tsv"],
+        model=embedding_models(),
+    )
+
+
 def survival_figures(wildcards=None):
     """Forest and Kaplan–Meier figures of every model (their source-data TSVs stand for each figure's files)."""
     if not config["clinical"]:

@@ -1,5 +1,6 @@
 """The ``histoclip`` command: ``histoclip check`` runs the preflight (histoclip.preflight) outside Snakemake;
-``histoclip convert IN OUT.tiff`` rewrites a slide as a pyramidal tiled TIFF (histoclip.tiling.convert).
+``histoclip convert IN OUT.tiff`` rewrites a slide as a pyramidal tiled TIFF (histoclip.tiling.convert);
+``histoclip deploy MODEL --sheet … --embeddings … --out …`` calls a cohort with a saved MIL model (histoclip.mil).
 
 The config is put together the way the Snakefile has Snakemake do it, so that the check sees exactly what a
 run would: the ``--configfile`` files merged in order, or ``config/config.yaml`` of the working directory when
@@ -68,7 +69,40 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--mpp", type=float, default=None, help="level-0 µm per pixel (default: the input's own)")
     convert.add_argument("--tile", type=int, default=256, help="tile size in pixels (default: 256)")
     convert.add_argument("--quality", type=int, default=90, help="JPEG quality (default: 90)")
+    deploy = commands.add_parser(
+        "deploy",
+        help="call a cohort's slides with a trained MIL model (results/mil/{model}/{task}/{mil}/model.safetensors)",
+        description="Read each slide's embedding file (listed by an embedding manifest, "
+        "results/embeddings/{model}.tsv, of embeddings made with the weights the model was trained on) and write the "
+        "calls table; scored when the sheet has the model's label column.",
+    )
+    deploy.add_argument("model", help="the saved MIL model (model.safetensors)")
+    deploy.add_argument("--sheet", required=True, help="cohort sheet of the slides to call")
+    deploy.add_argument("--embeddings", required=True, help="embedding manifest (slide_id, path) of those slides")
+    deploy.add_argument("--out", required=True, help="calls table to write (TSV)")
+    deploy.add_argument("--attention", default=None, help="folder for per-slide attention files (default: none)")
+    deploy.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     return parser
+
+
+def deploy(args: argparse.Namespace) -> int:
+    from histoclip.mil.stage import deploy_cohort
+
+    try:
+        evaluation = deploy_cohort(
+            args.model, args.sheet, args.embeddings, args.out, attention=args.attention, device=args.device
+        )
+    except (InputError, ValueError) as exc:
+        print(f"histoclip deploy: {exc}", file=sys.stderr)
+        return 1
+    print(f"calls written to {args.out}")
+    if evaluation is not None:
+        ci = evaluation["ci"]["balanced_accuracy"]
+        print(
+            f"balanced accuracy {evaluation['balanced_accuracy']:.3f} ({ci['low']:.3f}-{ci['high']:.3f}) on "
+            f"{evaluation['n_scored']} labelled slides"
+        )
+    return 0
 
 
 def convert(args: argparse.Namespace) -> int:
@@ -108,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check(args)
     if args.command == "convert":
         return convert(args)
+    if args.command == "deploy":
+        return deploy(args)
     return 2  # pragma: no cover - argparse refuses unknown commands
 
 

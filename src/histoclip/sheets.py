@@ -212,3 +212,14 @@ def read_cohort_sheet(path: str | Path, *, check_files: bool = True) -> list[Sli
     if problems:
         raise InputErrors(f"{len(problems)} problem(s) in the cohort sheet", problems)
     return records
+
+
+def sheet_frame(path: str | Path) -> pd.DataFrame:
+    """The validated cohort sheet as a frame (slide files not checked): slide_id, patient_id, label ("" where
+    none) and every other column of the sheet, as text. For analyses that read a column the sheet's owner named
+    in the config (a MIL task's labels, the audit's sites)."""
+    records = read_cohort_sheet(path, check_files=False)
+    rows = [
+        {"slide_id": r.slide_id, "patient_id": r.patient_id, "label": r.label or ""} | dict(r.extra) for r in records
+    ]
+    return pd.DataFrame(rows).fillna("")

@@ -18,7 +18,7 @@ import json
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,7 @@ class _SlideJob:
     mpp: float
     slide_path: Path
     class_map_path: Path
+    site_effect: float = 0.0
 
 
 def _run_slide_job(job: _SlideJob) -> tuple[np.ndarray, list[tuple[str, int, int, int, str, str]]]:
@@ -76,7 +77,7 @@ def _run_slide_job(job: _SlideJob) -> tuple[np.ndarray, list[tuple[str, int, int
         np.random.default_rng(s) for s in np.random.SeedSequence(job.entropy).spawn(4)
     )
     label4 = slide_layout(layout_rng, job.slide_px, job.mpp, job.necrosis_target, job.subtype)
-    rgb = render_slide(render_rng, label4, job.mpp, Stain.random(stain_rng))
+    rgb = render_slide(render_rng, label4, job.mpp, Stain.random(stain_rng).shifted(job.site_effect))
     write_pyramid_tiff(job.slide_path, rgb, mpp=job.mpp, downsamples=(1, 4, 16))
     write_class_map(job.class_map_path, label4)
     counts = np.bincount(label4.ravel(), minlength=len(TISSUE_CLASSES)) * CLASS_MAP_DOWNSAMPLE**2
@@ -99,6 +100,17 @@ def _run_jobs(jobs: list[_SlideJob], workers: int) -> list[Any]:
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
         return list(pool.map(_run_slide_job, jobs, chunksize=1))
+
+
+#: The demo's hospitals. Slides of the second are stained differently when ``site_effect`` is not 0.
+SITES = ("site-A", "site-B")
+
+
+def _draw_sites(seed: int, n_patients: int) -> np.ndarray:
+    """Each patient's hospital (index into SITES), half each, from a stream of its own: adding sites changed no
+    other draw of the demo (slides, survival and captions are as they were)."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 2]))
+    return rng.permutation(np.arange(n_patients) % len(SITES))
 
 
 def _split_patients(rng: np.random.Generator, subtype: np.ndarray, train_fraction: float) -> np.ndarray:
@@ -125,6 +137,7 @@ class _Patients:
     sex: np.ndarray
     split: np.ndarray
     second: np.ndarray
+    site: np.ndarray | None = None
 
 
 def _draw_patients(rng: np.random.Generator, n_patients: int, train_fraction: float, extra_slides: int) -> _Patients:
@@ -148,8 +161,10 @@ def _slide_jobs(
     mpp: float,
     slides_dir: Path,
     maps_dir: Path,
+    site_effect: float = 0.0,
 ) -> tuple[list[_SlideJob], list[int]]:
-    """One job per slide (a patient's necrosis tendency jittered per slide), and the patient of each."""
+    """One job per slide (a patient's necrosis tendency jittered per slide; the second site's stain shifted by
+    ``site_effect``), and the patient of each."""
     jobs: list[_SlideJob] = []
     owners: list[int] = []
     for p, pid in enumerate(patients.ids):
@@ -166,6 +181,7 @@ def _slide_jobs(
                     mpp=float(mpp),
                     slide_path=slides_dir / f"{slide_id}.tiff",
                     class_map_path=maps_dir / f"{slide_id}.png",
+                    site_effect=site_effect if patients.site is not None and patients.site[p] == 1 else 0.0,
                 )
             )
             owners.append(p)
@@ -196,12 +212,15 @@ def _slide_tables(
             "path": [f"slides/{j.slide_id}.tiff" for j in jobs],
             "label": truth["label"],
             "split": [patients.split[p] for p in owners],
+            "site": [SITES[patients.site[p]] for p in owners],
         }
     )
     return truth, sheet
 
 
-def _check_arguments(slide_px: int, mpp: float, n_patients: int, train_fraction: float, extra_slides: int) -> None:
+def _check_arguments(
+    slide_px: int, mpp: float, n_patients: int, train_fraction: float, extra_slides: int, site_effect: float = 0.0
+) -> None:
     if slide_px < 256 or slide_px % 64:
         raise ValueError(f"slide_px must be a multiple of 64 and at least 256, got {slide_px}")
     if not (0.05 <= mpp <= 5):
@@ -212,6 +231,8 @@ def _check_arguments(slide_px: int, mpp: float, n_patients: int, train_fraction:
         raise ValueError(f"train_fraction must be in [0, 1], got {train_fraction}")
     if extra_slides < 0:
         raise ValueError(f"extra_slides must be >= 0, got {extra_slides}")
+    if not (0 <= site_effect <= 1):
+        raise ValueError(f"site_effect must be in [0, 1] (a relative stain density change), got {site_effect}")
 
 
 def make_demo_cohort(
@@ -223,25 +244,28 @@ def make_demo_cohort(
     slide_px: int = 3072,
     mpp: float = 0.5,
     train_fraction: float = 0.375,
+    site_effect: float = 0.0,
     workers: int | None = None,
 ) -> DemoCohort:
     """Write a synthetic cohort (slides, sheet, clinical table, truth) into ``out_dir``.
 
     Files: ``slides/{slide_id}.tiff``, ``slides.tsv`` (sheet: slide_id, patient_id, path, label,
-    split), ``clinical.tsv`` (patient_id, time, event, age, sex, subtype, subtype_squamous,
+    split, site: half the patients in each of :data:`SITES`, the second's stain shifted by ``site_effect``),
+    ``clinical.tsv`` (patient_id, time, event, age, sex, subtype, subtype_squamous,
     necrosis_fraction), ``true_coefficients.tsv``, ``captions.tsv`` (tile-caption pairs),
     ``class_maps/{slide_id}.png``, ``slide_truth.tsv`` (per-slide class fractions) and ``cohort.json``
     (the generator's parameters). Output is byte-identical for the same arguments, whatever
     ``workers`` (processes; default: one per available core).
     """
-    _check_arguments(slide_px, mpp, n_patients, train_fraction, extra_slides)
+    _check_arguments(slide_px, mpp, n_patients, train_fraction, extra_slides, site_effect)
     root = Path(out_dir)
     slides_dir, maps_dir = root / "slides", root / "class_maps"
     slides_dir.mkdir(parents=True, exist_ok=True)
     maps_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0]))
     patients = _draw_patients(rng, n_patients, train_fraction, extra_slides)
-    jobs, owners = _slide_jobs(rng, patients, seed, slide_px, mpp, slides_dir, maps_dir)
+    patients = replace(patients, site=_draw_sites(seed, n_patients))
+    jobs, owners = _slide_jobs(rng, patients, seed, slide_px, mpp, slides_dir, maps_dir, site_effect)
     results = _run_jobs(jobs, workers if workers is not None else _default_workers(len(jobs)))
     counts = np.array([r[0] for r in results], dtype=np.float64)
     truth, sheet = _slide_tables(jobs, owners, patients, counts, slide_px)
@@ -266,6 +290,8 @@ def make_demo_cohort(
         "mpp": mpp,
         "pyramid_downsamples": [1, 4, 16],
         "train_fraction": train_fraction,
+        "sites": list(SITES),
+        "site_effect": site_effect,
         "tissue_classes": list(TISSUE_CLASSES),
         "subtypes": list(SUBTYPES),
         "class_map_downsample": CLASS_MAP_DOWNSAMPLE,

@@ -28,6 +28,14 @@ class Stain:
         glass = np.full(3, rng.uniform(0.012, 0.03)) + rng.normal(0, 0.004, 3)
         return Stain(h=h, e=e, glass=np.clip(glass, 0, None))
 
+    def shifted(self, site_effect: float) -> Stain:
+        """The same stain as another hospital's lab would give it: both stains ``1 + site_effect`` times as dense,
+        haematoxylin bluer. The demo's site audit has to find this (``demo.site_effect``); 0 = unchanged."""
+        if site_effect == 0:
+            return self
+        tilt = np.array([1.0, 0.6, -0.2])  # more OD in red and green: a bluer, darker haematoxylin
+        return Stain(h=self.h * (1 + site_effect * tilt), e=self.e * (1 + site_effect), glass=self.glass)
+
     def lut(self) -> np.ndarray:
         """(65536, 3) uint8 Beer-Lambert table indexed by ``(H_od8 << 8) | E_od8``."""
         levels = np.arange(256, dtype=np.float64) / OD_SCALE

@@ -16,6 +16,7 @@ file                                                    module
 ``results/zeroshot/…/tile_scores/{slide}.parquet``      :mod:`~histoclip.formats.zeroshot`
 ``results/zeroshot/…/calls.tsv``                        :mod:`~histoclip.formats.zeroshot`
 ``results/slides/{model}.parquet``                      :mod:`~histoclip.formats.cohort`
+``results/mil/…/attention/{slide}.parquet``             :mod:`~histoclip.formats.mil`
 ``results/phenotypes/{model}/*composition.tsv``         :mod:`~histoclip.formats.cohort`
 ``results/phenotypes/{model}/phenotypes.tsv``           :mod:`~histoclip.formats.cohort`
 ``results/phenotypes/{model}/assignments/{slide}``      :mod:`~histoclip.formats.cohort` (reader)
@@ -51,6 +52,7 @@ from histoclip.formats.embeddings import (
     write_failed_embedding_file,
 )
 from histoclip.formats.reports import read_report_embeddings, write_report_embeddings
+from histoclip.formats.mil import ATTENTION_COLUMNS, read_attention, write_attention
 from histoclip.formats.tiles import (
     COHORT_COLUMNS,
     TILE_SCHEMA,
@@ -81,6 +83,7 @@ from histoclip.formats.zeroshot import (
 )
 
 __all__ = [
+    "ATTENTION_COLUMNS",
     "CALLS_TEXT_COLUMNS",
     "COHORT_COLUMNS",
     "DTYPES",
@@ -96,6 +99,7 @@ __all__ = [
     "embedding_paths",
     "embedding_schema",
     "probability_column",
+    "read_attention",
     "read_calls",
     "read_class_map",
     "read_class_map_classes",
@@ -118,6 +122,7 @@ __all__ = [
     "slide_embedding_columns",
     "tile_classes",
     "vectors_column",
+    "write_attention",
     "write_calls",
     "write_class_map",
     "write_cohort_table",

@@ -1,0 +1,72 @@
+"""Bags: one slide's tile embeddings, read from its embedding file when the model needs it.
+
+Why streamed: a cohort of 2,000 slides × 5,000 tiles × 512 dimensions is ~10 GB in float16, more than a node
+should hold to train a small model. The cross-validation keeps only slide ids; a bag is read from its Parquet
+file (:func:`histoclip.formats.read_tile_embeddings`) when it is its turn, and the next bag is read in a
+background thread while the model works on this one (pyarrow decodes without the GIL), so at most two bags are
+in memory whatever the cohort's size. Repeated epochs read the files again; the operating system's page cache
+makes that cheap when the cohort fits in memory, and it costs disk reads, not memory, when it does not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from histoclip import formats
+from histoclip.errors import InputError
+
+__all__ = ["Bag", "BagReader"]
+
+
+@dataclass(frozen=True)
+class Bag:
+    """One slide's tiles: level-0 corners and embeddings ``[N, D]`` (float32)."""
+
+    slide_id: str
+    x: np.ndarray
+    y: np.ndarray
+    features: np.ndarray
+
+    @property
+    def n_tiles(self) -> int:
+        return len(self.features)
+
+
+class BagReader:
+    """Reads bags by slide id from ``paths`` (slide id → embedding file)."""
+
+    def __init__(self, paths: Mapping[str, str]) -> None:
+        self.paths = dict(paths)
+
+    def dim(self, slide_ids: Sequence[str]) -> int:
+        """The embedding dimension (from the footers only), checked to agree over ``slide_ids``."""
+        dims = {formats.read_embedding_footer(self.paths[s]).dim for s in slide_ids}
+        if len(dims) != 1:
+            raise InputError(
+                f"embedding files of different dimensions {sorted(dims)}",
+                where="the embedding manifest",
+                fix="re-embed every slide with one model",
+            )
+        return dims.pop()
+
+    def read(self, slide_id: str) -> Bag:
+        if slide_id not in self.paths:
+            raise InputError(f"no embedding file for slide {slide_id!r}", where="the embedding manifest")
+        x, y, features, _ = formats.read_tile_embeddings(self.paths[slide_id])
+        return Bag(slide_id, x, y, features)
+
+    def iterate(self, slide_ids: Sequence[str]) -> Iterator[Bag]:
+        """The bags of ``slide_ids`` in that order, each next one read while the caller works on the current."""
+        if not slide_ids:
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="bag-reader") as pool:
+            pending: Future[Bag] = pool.submit(self.read, slide_ids[0])
+            for following in [*slide_ids[1:], None]:
+                bag = pending.result()
+                if following is not None:
+                    pending = pool.submit(self.read, following)
+                yield bag
