@@ -51,8 +51,8 @@ from histoclip.formats.embeddings import (
     write_embedding_manifest,
     write_failed_embedding_file,
 )
-from histoclip.formats.reports import read_report_embeddings, write_report_embeddings
 from histoclip.formats.mil import ATTENTION_COLUMNS, read_attention, write_attention
+from histoclip.formats.reports import read_report_embeddings, write_report_embeddings
 from histoclip.formats.tiles import (
     COHORT_COLUMNS,
     TILE_SCHEMA,
