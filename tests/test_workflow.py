@@ -147,7 +147,7 @@ def test_real_slide_cohort_with_a_broken_slide_recorded(repo, shared_data, tmp_p
     assert "P3" in result.stderr  # the patient without a clinical row is named in a warning
     cohort = pd.read_csv(workdir / "results/qc/cohort.tsv", sep="\t").set_index("slide_id")
     assert cohort.loc["cmu1", "status"] == "ok" and cohort.loc["cmu1", "n_tiles"] > 10
-    assert cohort.loc["boxes", "status"] == "error" and "no tissue tile" in cohort.loc["boxes", "error"]
+    assert cohort.loc["boxes", "status"] == "error" and "smaller than one tile" in cohort.loc["boxes", "error"]
     assert cohort.loc["unreadable", "status"] == "error"
     assert "Bogus marker length" in cohort.loc["unreadable", "error"]
     embedded = read_metadata(workdir / "results/embeddings/tiny/unreadable.parquet")
