@@ -191,3 +191,26 @@ def test_the_workflow_tiles_each_slide_inside_its_own_regions(slide, tmp_path):
     write_geojson(tumour, [STROMA, annotation([square(128, 256, 256, 384)], "Tumor")])
     snakemake(workdir, *args)
     assert len(read_tile_file(workdir / "results/tiles/a.parquet")[0]) == 4
+
+
+def test_a_qupath_export_of_the_tissue_round_trips_through_tiling(tmp_path, shared_data):
+    """The QuPath GeoJSON histoclip exports (tissue annotations + tile detections) read back as an ROI file: its
+    detections are left out, its tissue annotations are the mask tiling measured the tiles on, so tiling the slide
+    again inside them keeps the same tiles (a real Aperio slide; boundaries off the tile grid)."""
+    from histoclip.export.qupath import slide_feature_collection, write_geojson
+    from histoclip.export.tiles import SlideTiles
+    from histoclip.formats import read_tissue_mask
+
+    svs = shared_data / "svs" / "CMU-1-Small-Region.svs"
+    out = {name: tmp_path / name for name in ("t.parquet", "t.png", "mask.png")}
+    run_tiling(svs, "cmu1", out["t.parquet"], out["t.png"], mask_out=out["mask.png"], params=PARAMS)
+    x, y, meta = read_tile_file(out["t.parquet"])
+    tiles = SlideTiles("cmu1", x, y, np.ones(len(x), np.float32), meta)
+    exported = tmp_path / "cmu1.geojson"
+    write_geojson(exported, slide_feature_collection(tiles, read_tissue_mask(out["mask.png"])))
+    roi = read_roi(exported)
+    assert {r.classification for r in roi.regions} == {"Tissue"} and len(x) > 100
+    again = tile_slide(svs, "cmu1", params=PARAMS, roi=roi)
+    assert set(zip(again.grid.x.tolist(), again.grid.y.tolist(), strict=True)) == set(
+        zip(x.tolist(), y.tolist(), strict=True)
+    )
