@@ -24,7 +24,16 @@ from PIL import Image
 from histoclip import formats
 from histoclip.plots import FigureStyle, new_figure, save_figure
 from histoclip.tiling import slide as wsi
-from histoclip.zeroshot.evidence import CMAP, TileLayout, heatmap_overlay, read_tiles, score_grid, top_tiles
+from histoclip.zeroshot.evidence import (
+    CMAP,
+    TileLayout,
+    bare,
+    heatmap_overlay,
+    heatmap_panel,
+    read_tiles,
+    score_grid,
+    top_tiles,
+)
 
 __all__ = ["attention_percentiles", "evidence_slides", "slide_attention_figure"]
 
@@ -75,13 +84,6 @@ def _thumbnail(path: str | os.PathLike[str], max_px: int) -> np.ndarray:
         image = image.convert("RGB")
         image.thumbnail((max_px,) * 2, Image.Resampling.BOX)
         return np.asarray(image)
-
-
-def _bare(ax: Any) -> None:
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set_visible(False)
 
 
 def _title(slide_id: str, call: Mapping[str, Any], model: str) -> str:
@@ -143,28 +145,13 @@ def slide_attention_figure(
         figure.suptitle(_title(slide_id, call, model))
         left, right = figure.subfigures(1, 2, width_ratios=[heat_in + 0.4, tile_in * columns])
         ax = left.subplots()
-        ax.imshow(overlay, extent=(0, layout.level0_width, layout.level0_height, 0), interpolation="antialiased")
-        for rank, (tx, ty) in enumerate(zip(x[picks], y[picks], strict=True)):
-            half = layout.tile_level0_px / 2
-            ax.text(
-                tx + half,
-                ty + half,
-                str(rank + 1),
-                color="white",
-                ha="center",
-                va="center",
-                fontsize=style.font_size - 1,
-                fontweight="bold",
-            )
-        ax.set_xlim(0, layout.level0_width)
-        ax.set_ylim(layout.level0_height, 0)
-        _bare(ax)
+        heatmap_panel(ax, overlay, layout, x[picks], y[picks], style)
         ax.set_title(f"attention, {len(x)} tiles", fontsize=style.font_size)
         bar = left.colorbar(ScalarMappable(norm, CMAP), ax=ax, location="bottom", shrink=0.8, aspect=30, pad=0.02)
         bar.set_label("attention percentile within the slide", fontsize=style.font_size - 1)
         axes = np.atleast_1d(right.subplots(rows, columns, squeeze=False)).ravel()
         for i, tax in enumerate(axes):
-            _bare(tax)
+            bare(tax)
             if i >= n:
                 tax.set_visible(False)
                 continue

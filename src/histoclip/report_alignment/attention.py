@@ -23,10 +23,10 @@ from histoclip.tiling import slide as wsi
 from histoclip.zeroshot.evidence import (
     CMAP,
     TileLayout,
-    _heatmap_panel,
     _read_thumbnail,
     _tile_panel,
     heatmap_overlay,
+    heatmap_panel,
     read_tiles,
     score_grid,
     top_tiles,
@@ -83,7 +83,7 @@ def attention_map(
         axes = figure.subplots(1, 1 + n, width_ratios=[heat_in + 0.6] + [tile_in] * n, squeeze=False)[0]
         grid, extent = score_grid(x, y, relative, layout)
         overlay = heatmap_overlay(thumbnail, grid, extent, (layout.level0_width, layout.level0_height), norm)
-        _heatmap_panel(axes[0], overlay, layout, x[picks], y[picks], style)
+        heatmap_panel(axes[0], overlay, layout, x[picks], y[picks], style)
         axes[0].set_title(f"attention over {len(x)} tiles", fontsize=style.font_size)
         colorbar = figure.colorbar(
             ScalarMappable(norm, CMAP), ax=axes[0], location="bottom", shrink=0.8, aspect=30, pad=0.02

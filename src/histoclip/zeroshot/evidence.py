@@ -186,7 +186,7 @@ def read_tiles(
     return out
 
 
-def _bare(ax: Any) -> None:
+def bare(ax: Any) -> None:
     """No ticks and no frame: an image panel, not a plot."""
     ax.set_xticks([])
     ax.set_yticks([])
@@ -278,7 +278,7 @@ def slide_evidence(
             axes = sub.subplots(1, 1 + n, width_ratios=[heat_in + 0.6] + [tile_in] * n, squeeze=False)[0]
             grid, extent = score_grid(x, y, scores[cls], layout)
             overlay = heatmap_overlay(thumbnail, grid, extent, (layout.level0_width, layout.level0_height), norm)
-            _heatmap_panel(axes[0], overlay, layout, x[picks[cls]], y[picks[cls]], style)
+            heatmap_panel(axes[0], overlay, layout, x[picks[cls]], y[picks[cls]], style)
             pooled = f"slide score = mean of top {min(top_k, len(x))} of {len(x)} tiles" if top_k else f"{len(x)} tiles"
             axes[0].set_title(f"{cls}\n({pooled})", fontsize=style.font_size)
             colorbar = sub.colorbar(
@@ -310,7 +310,7 @@ def _no_tiles_figure(
     return data
 
 
-def _heatmap_panel(
+def heatmap_panel(
     ax: Any, overlay: np.ndarray, layout: TileLayout, x: np.ndarray, y: np.ndarray, style: FigureStyle
 ) -> None:
     """One class's heatmap over the slide, with its top tiles (level-0 corners ``x``, ``y``) numbered from 1."""
@@ -329,7 +329,7 @@ def _heatmap_panel(
         )
     ax.set_xlim(0, layout.level0_width)
     ax.set_ylim(layout.level0_height, 0)
-    _bare(ax)
+    bare(ax)
 
 
 def _read_thumbnail(path: str | os.PathLike[str], max_px: int) -> np.ndarray:
@@ -352,6 +352,6 @@ def _shared_norm(class_scores: Sequence[np.ndarray]) -> Normalize:
 def _tile_panel(ax: Any, image: np.ndarray, rank: int, score: float, x: int, y: int, style: FigureStyle) -> None:
     """One gallery tile: its pixels, its rank and score above, its level-0 corner below."""
     ax.imshow(image)
-    _bare(ax)
+    bare(ax)
     ax.set_title(f"#{rank + 1}  {score:.3f}", fontsize=style.font_size - 1)
     ax.set_xlabel(f"x {x}, y {y}", fontsize=style.font_size - 2)
