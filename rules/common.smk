@@ -87,7 +87,22 @@ def has_labels():
 
 def has_train_split():
     """Whether any slide is in the sheet's train split: few-shot draws its shots from those."""
-    return any(str(record.extra.get("split", "")).strip().lower() == "train" for record in cohort().values())
+    return bool(train_patients())
+
+
+#: Fewest training patients slide–report alignment can train on (histoclip.report_alignment.training.MIN_PATIENTS,
+#: not imported here: every job parses this file, and that module imports torch).
+MIN_ALIGNMENT_PATIENTS = 3
+
+
+@functools.cache
+def train_patients():
+    """The patients with a slide in the sheet's train split."""
+    return {
+        record.patient_id
+        for record in cohort().values()
+        if str(record.extra.get("split", "")).strip().lower() == "train"
+    }
 
 
 def cohort_shards(size):
@@ -172,6 +187,14 @@ def skipped_stages():
             (
                 "slide–report alignment (report retrieval, report-style zero-shot)",
                 f"no slide of {config['slides']} has split = train, the slides the aligner is trained on",
+            )
+        )
+    elif Path(config["slides"]).exists() and len(train_patients()) < MIN_ALIGNMENT_PATIENTS:
+        skipped.append(
+            (
+                "slide–report alignment (report retrieval, report-style zero-shot)",
+                f"{len(train_patients())} patient(s) of {config['slides']} are in the train split; the aligner needs "
+                f"at least {MIN_ALIGNMENT_PATIENTS} (2 to fit on, 1 to stop on)",
             )
         )
     if Path(config["slides"]).exists():

@@ -41,7 +41,7 @@ rule mil_task_calls:
     conda:
         "../envs/stats.yaml"
     shell:
-        "cp {input} {output}.tmp && mv {output}.tmp {output} 2> {log}"
+        "cp {input:q} {output:q}.tmp && mv {output:q}.tmp {output:q} 2> {log:q}"
 
 
 rule mil_evidence:

@@ -27,8 +27,8 @@ def report_alignment_training_settings(wildcards=None):
 
 def report_alignment_outputs(wildcards=None):
     """retrieval.json, calls.tsv and the retrieval figure per model with a text tower, when reports are given,
-    the sheet exists and has a train split (the slides the aligner is trained on)."""
-    if not Path(config["slides"]).exists() or not has_train_split():
+    the sheet exists and its train split (the slides the aligner is trained on) has enough patients."""
+    if not Path(config["slides"]).exists() or len(train_patients()) < MIN_ALIGNMENT_PATIENTS:
         return []
     if not prompt_set_names() and not config["report_alignment"]["prompt_set"]:
         return []

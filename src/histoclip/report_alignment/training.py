@@ -68,15 +68,19 @@ class TrainingResult:
     seconds: float = 0.0
 
 
+#: Fewest training patients with a report: 2 to fit on, 1 to stop on (rules/common.smk's planner says the same).
+MIN_PATIENTS = 3
+
+
 def split_validation(
     slides: Sequence[str], patients: Sequence[str], fraction: float, seed: int
 ) -> tuple[list[str], list[str]]:
     """(fit slides, validation slides): a seeded ``fraction`` of the patients (at least one, and at least one
     left to fit on), all of a patient's slides on the same side; both lists keep the given order."""
     unique = sorted(set(patients))
-    if len(unique) < 3:
+    if len(unique) < MIN_PATIENTS:
         raise InputError(
-            f"only {len(unique)} patient(s) of the train split have a report; alignment needs at least 3 "
+            f"only {len(unique)} patient(s) of the train split have a report; alignment needs at least {MIN_PATIENTS} "
             "(2 to fit on, 1 to stop on)",
             where="report_alignment",
             fix="add reports for more training slides, or mark more slides split = train in the sheet",
