@@ -15,6 +15,7 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 from bad_slides import good_slide, truncated_slide
+from tiny_models import TINY_OPEN_CLIP
 
 from histoclip.config import default_config
 from histoclip.embedding.embed import SlideJob, embed_shard
@@ -25,17 +26,11 @@ from histoclip.store import read_metadata
 from histoclip.tiling import slide as wsi
 from histoclip.tiling.shards import SlideToTile, tile_shard
 
-TINY = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 64, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "tiny-staging.json"
-    path.write_text(json.dumps(TINY))
+    path.write_text(json.dumps(TINY_OPEN_CLIP))
     return load_model(ModelSpec("tiny", str(path), seed=1), "cpu")
 
 

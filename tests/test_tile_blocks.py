@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import tifffile
 from bad_slides import corrupt_tiles_slide, textured_rgb
+from tiny_models import TINY_OPEN_CLIP
 
 from histoclip.config import default_config
 from histoclip.demo import write_pyramid_tiff
@@ -27,17 +28,11 @@ from histoclip.tiling.grid import TilingParams, run_tiling
 from histoclip.tiling.readers import tiff_tiles
 from histoclip.tiling.readers.openslide_reader import OpenSlideReader
 
-TINY = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 64, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "tiny-blocks.json"
-    path.write_text(json.dumps(TINY))
+    path.write_text(json.dumps(TINY_OPEN_CLIP))
     return load_model(ModelSpec("tiny", str(path), seed=1), "cpu")
 
 

@@ -11,6 +11,13 @@ from pathlib import Path
 
 import torch
 
+#: The smallest open_clip config the embedding tests load (random init, 64-px input): one layer, width 32.
+TINY_OPEN_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
 #: H-optimus-0's normalisation (its own, not ImageNet's): the tiny timm model ships it to show it is used.
 H_OPTIMUS_MEAN = [0.707223, 0.578729, 0.703617]
 H_OPTIMUS_STD = [0.211883, 0.230117, 0.177517]

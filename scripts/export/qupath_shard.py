@@ -1,8 +1,6 @@
 """Rules qupath_{model}_{shard}: each slide of an embedding shard → results/qupath/{model}/{slide}.geojson, and the
 shard's index → results/qupath/{model}/index/{shard}.tsv."""
 
-from pathlib import Path
-
 import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
 
 from histoclip.export.qupath import export_qupath_shard
@@ -12,12 +10,7 @@ from histoclip.logs import rule_log
 
 with rule_log(snakemake.log[0], "histoclip.export.qupath") as log:
     params = snakemake.params
-    results = ModelResults.of(
-        params.model,
-        dict(zip(params.prompt_sets, snakemake.input.tile_scores, strict=True)),
-        dict(zip(params.prompt_sets, snakemake.input.calls, strict=True)),
-        Path(snakemake.input.phenotypes).parent,
-    )
+    results = ModelResults.of_job(params, snakemake.input)
     rows = export_qupath_shard(
         params.slides,
         params.tiles,

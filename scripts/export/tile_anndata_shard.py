@@ -1,8 +1,6 @@
 """Rules tile_anndata_{model}_{shard}: each slide of an embedding shard → results/export/{model}/tiles/{slide}.h5ad,
 and the shard's index → results/export/{model}/tiles/index/{shard}.tsv."""
 
-from pathlib import Path
-
 import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path)
 
 from histoclip.export.h5ad import export_tile_anndata_shard
@@ -12,12 +10,7 @@ from histoclip.logs import rule_log
 
 with rule_log(snakemake.log[0], "histoclip.export.h5ad") as log:
     params = snakemake.params
-    results = ModelResults.of(
-        params.model,
-        dict(zip(params.prompt_sets, snakemake.input.tile_scores, strict=True)),
-        dict(zip(params.prompt_sets, snakemake.input.calls, strict=True)),
-        Path(snakemake.input.phenotypes).parent,
-    )
+    results = ModelResults.of_job(params, snakemake.input)
     rows = export_tile_anndata_shard(
         params.slides,
         params.tiles,

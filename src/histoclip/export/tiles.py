@@ -123,6 +123,18 @@ class ModelResults:
             Path(phenotype_dir) if phenotype_dir is not None else None,
         )
 
+    @classmethod
+    def of_job(cls, params: Any, inputs: Any) -> ModelResults:
+        """What an export shard rule hands its script: ``params.model`` and ``params.prompt_sets``; the inputs
+        ``tile_scores`` and ``calls`` (one per prompt set, in that order) and ``phenotypes`` (a file of the model's
+        phenotype folder)."""
+        return cls.of(
+            params.model,
+            dict(zip(params.prompt_sets, inputs.tile_scores, strict=True)),
+            dict(zip(params.prompt_sets, inputs.calls, strict=True)),
+            Path(inputs.phenotypes).parent,
+        )
+
     @property
     def first_prompt_set(self) -> str | None:
         return next(iter(self.tile_score_dirs), None)
