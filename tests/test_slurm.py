@@ -315,7 +315,7 @@ def test_every_job_went_through_the_scheduler(runs, slurm_cluster):
     assert len(tiling) == math.ceil(N_SLIDES / 4) and all(len(by_rule[rule]) == 1 for rule in tiling)
     # GPU jobs asked for a GPU through the plugin's `gpu` resource and were sent to the GPU partition
     for rule, rule_jobs in by_rule.items():
-        wants_gpu = rule.startswith("embed_") or rule == "train_clip"
+        wants_gpu = rule.startswith("embed_") or rule in ("train_clip", "mil")  # rules with a `gpu` resource
         for job in rule_jobs:
             assert job["Partition"] == ("gpu" if wants_gpu else "cpu"), (rule, job["Partition"])
             assert ("gres:gpu:1" in job.get("TresPerJob", "")) == wants_gpu, (rule, job.get("TresPerJob"))
