@@ -216,15 +216,16 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
         yield
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` → cuda when present, else cpu; ``cuda`` without a GPU is an error, not a silent CPU run."""
+def resolve_device(device: str, key: str = "embedding.device") -> torch.device:
+    """``auto`` → cuda when present, else cpu; ``cuda`` without a GPU is an error, not a silent CPU run. ``key``
+    is the config key the device came from (the error names it)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(
             f"device {device!r} was asked for but torch sees no CUDA GPU (torch {torch.__version__})",
-            where="config embedding.device",
-            fix="set embedding.device to auto or cpu, or run on a GPU node (check CUDA_VISIBLE_DEVICES and drivers)",
+            where=f"config {key}",
+            fix=f"set {key} to auto or cpu, or run on a GPU node (check CUDA_VISIBLE_DEVICES and drivers)",
         )
     return torch.device(device)
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from histoclip.errors import InputError
+from histoclip.embedding.models import resolve_device as resolve_model_device
 from histoclip.mil.bags import Bag, BagReader
 from histoclip.mil.models import build_model
 from histoclip.mil.settings import MilSettings
@@ -34,16 +34,8 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` → CUDA when present, else CPU; ``cuda`` without a GPU is an error, not a silent CPU run."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(
-            f"device {device!r} was asked for but torch sees no CUDA GPU",
-            where="config mil.device",
-            fix="set mil.device to auto or cpu, or run on a GPU node",
-        )
-    return torch.device(device)
+    """The device of ``mil.device`` (:func:`histoclip.embedding.models.resolve_device`, naming this key)."""
+    return resolve_model_device(device, "mil.device")
 
 
 @dataclass
