@@ -198,8 +198,8 @@ rule zeroshot_evidence:
     params:
         # Made before the calls this job reads (the tiling shard writes tile file and thumbnail together), so
         # params, not inputs: the job needs a few slides' files, chosen from the calls.
-        tiles="results/tiles/{{slide}}.parquet",  # per slide id (str.format)
-        thumbnails="results/qc/{{slide}}.png",
+        tiles=lambda wildcards: "results/tiles/{slide}.parquet",  # per slide id (str.format)
+        thumbnails=lambda wildcards: "results/qc/{slide}.png",
         slide_files=lambda wildcards: dict(zip(slide_ids(), slide_files(slide_ids()), strict=True)),
         style=figure_style,
         options={"figures": {"evidence": config["figures"]["evidence"]}},

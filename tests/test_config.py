@@ -17,7 +17,7 @@ def test_demo_config_is_valid_and_defaults_are_filled(repo):
         "tile_px": 224,
         "overlap_px": 0,
         "min_tissue_fraction": 0.5,
-        "shard_size": 50,
+        "shard_size": 110,  # the demo's: 220 slides in 2 tiling jobs
         "threads": 4,
     }
     assert config["mpp"] == {"min": 0.05, "max": 20.0}

@@ -1,6 +1,6 @@
 """Tests of the synthetic demo cohort: what a user of the demo would check before trusting it.
 
-The default cohort (160 patients, 176 slides of 2048 px) is generated once per module (~25 s on two cores)
+The default cohort (200 patients, 220 slides of 2048 px) is generated once per module (~25 s on two cores)
 because the checks that matter (Cox recovery, class separability) are properties of that cohort, not of a toy one.
 """
 
@@ -161,7 +161,7 @@ def test_sheet(cohort: DemoCohort, sheet: pd.DataFrame) -> None:
     assert list(sheet.columns) == ["slide_id", "patient_id", "path", "label", "split"]
     assert sheet["slide_id"].is_unique
     assert all(SAFE_ID.fullmatch(s) for s in sheet["slide_id"])
-    assert sheet["patient_id"].nunique() == 160 and len(sheet) == 176
+    assert sheet["patient_id"].nunique() == 200 and len(sheet) == 220
     for rel in sheet["path"]:
         assert not Path(rel).is_absolute() and (cohort.sheet.parent / rel).is_file()
     assert set(sheet["label"]) == set(SUBTYPES)
@@ -170,7 +170,7 @@ def test_sheet(cohort: DemoCohort, sheet: pd.DataFrame) -> None:
     assert set(sheet["split"]) == {"train", "test"}
     assert sheet.groupby("patient_id")["split"].nunique().eq(1).all()
     patients = sheet.drop_duplicates("patient_id")
-    assert (patients["split"] == "train").sum() == 60
+    assert (patients["split"] == "train").sum() == 76  # 37.5 % of each subtype's 100, rounded
     assert patients.groupby("label")["split"].nunique().eq(2).all()
 
 

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.integration
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 DEMO = ("--configfile", "demo_shards.yaml")  # the default demo, embedded in shards of 64 slides
 TINY = "embedding:\n  models: [tiny]\nzeroshot:\n  prompt_sets: [nsclc]\n"  # random-init model: plumbing only
-N_SLIDES = 176  # the demo: 160 patients, 16 of them with a second slide
+N_SLIDES = 220  # the demo: 200 patients, 20 of them with a second slide
 CONTRACT_META = (
     "slide_id",
     "level0_mpp",
@@ -79,7 +79,7 @@ def test_demo_preflight_finds_no_problem(demo_run):
 
 def test_demo_cohort_tiles_every_slide_with_the_contract(demo_run):
     sheet = pd.read_csv(demo_run / "results/demo/slides.tsv", sep="\t")
-    assert len(sheet) == N_SLIDES and sheet["patient_id"].nunique() == 160
+    assert len(sheet) == N_SLIDES and sheet["patient_id"].nunique() == 200
     cohort = pd.read_csv(demo_run / "results/qc/cohort.tsv", sep="\t")
     assert sorted(cohort["slide_id"]) == sorted(sheet["slide_id"])
     assert (cohort["status"] == "ok").all()
@@ -199,7 +199,7 @@ def test_demo_embeddings_one_file_per_slide_one_model_load_per_shard(demo_run):
         assert meta["model_name"] == "demo" and meta["dim"] == 64 and meta["slide_id"] == row.slide_id
         assert meta["preprocessing"]["image_size"] == 112  # the demo CLIP was trained at 112 px
     logs = sorted((demo_run / "results/logs/embed/demo").glob("shard*.log"))
-    assert len(logs) == 3  # 176 slides in shards of 64
+    assert len(logs) == 4  # 220 slides in shards of 64
     for log in logs:
         text = log.read_text()
         assert text.count("model demo loaded") == 1 and "shard done" in text
