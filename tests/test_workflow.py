@@ -247,9 +247,9 @@ def test_demo_slide_embeddings_few_shot_and_prompt_sensitivity(demo_run):
     summary = pd.read_csv(results / "fewshot/demo/demo/summary.tsv", sep="\t")
     zero_shot = summary[summary["method"] == "zeroshot"]
     assert zero_shot["median"].iloc[0] == pytest.approx(evaluation["balanced_accuracy"])
-    for method in ("prototype", "logistic"):
-        assert set(summary.loc[summary["method"] == method, "k"]) == {1, 2, 4}
-    assert set(summary.loc[summary["method"] == "skipped", "k"]) == {8, 16}
+    for method in ("prototype", "logistic"):  # 38 training slides per class: every k of fewshot.shots fits
+        assert set(summary.loc[summary["method"] == method, "k"]) == {1, 2, 4, 8, 16}
+    assert not (summary["method"] == "skipped").any()
     sensitivity = json.loads((results / "zeroshot/demo/demo/prompt_sensitivity.json").read_text())
     assert sensitivity["full"] == pytest.approx(evaluation["balanced_accuracy"])
     assert sensitivity["n_subsets"] == 20 and sensitivity["classifier_max_abs_difference"] < 1e-5
@@ -287,9 +287,9 @@ def test_demo_evidence_and_retrieval_find_the_true_tissue(demo_run):
     truth = [
         str(tile_classes(results / f"demo/class_maps/{t.slide_id}.png", t.x, t.y, 224)) for t in necrosis.itertuples()
     ]
-    assert np.mean([c == "necrosis" for c in truth]) >= 0.75  # measured 12/12
+    assert np.mean([c == "necrosis" for c in truth]) >= 0.75  # measured 12/12 (seed 0)
     retrieval = json.loads((results / "retrieval/demo/slide_retrieval.json").read_text())
-    assert retrieval["precision_at_k"]["5"] >= 0.8 > retrieval["chance"]["5"]  # measured 1.0 vs 0.48
+    assert retrieval["precision_at_k"]["5"] >= 0.8 > retrieval["chance"]["5"]  # measured 1.0 vs 0.50 (seed 0)
 
 
 def test_demo_survival_recovers_the_simulated_model(demo_run):
@@ -341,9 +341,11 @@ def test_demo_tile_phenotypes_match_the_true_tissue_classes(demo_run):
             purity.append(counts.max() / counts.sum())
         predicted += assigned["phenotype"].tolist()
     truth, purity, predicted = np.array(truth), np.array(purity), np.array(predicted)
-    assert adjusted_rand_score(truth, predicted) >= 0.6  # majority class of mixed tiles: measured 0.71-0.79 (seeds 0-5)
+    # majority class of mixed tiles: measured 0.639 at seed 0 (200 patients, 1 mm slides: 40 % of the tiles touch
+    # glass); 0.71-0.79 over seeds 0-5 on the earlier 32-patient demo of 1.5 mm slides
+    assert adjusted_rand_score(truth, predicted) >= 0.6
     pure = purity >= 0.9
-    assert adjusted_rand_score(truth[pure], predicted[pure]) >= 0.9  # measured 0.95-1.0
+    assert adjusted_rand_score(truth[pure], predicted[pure]) >= 0.9  # measured 0.985 at seed 0
     classes = pd.read_csv(results / "phenotypes/demo/class_composition.tsv", sep="\t")
     assert "necrosis" in classes.columns
     clustering = json.loads((results / "clusters/demo/clustering.json").read_text())
