@@ -30,7 +30,15 @@ def big_cohort(tmp_path_factory) -> tuple[Path, list[str]]:
             clinical.append(f"P{i // 2:04d}\t{i % 37 + 1}\t{i // 2 % 2}\n")
     (root / "slides.tsv").write_text("slide_id\tpatient_id\tpath\n" + "".join(rows))
     (root / "clinical.tsv").write_text("patient_id\ttime\tevent\n" + "".join(clinical))
-    return workdir, ["--config", f"slides={root / 'slides.tsv'}", f"clinical={root / 'clinical.tsv'}"]
+    # shards of 50 (the schema's default; the demo's config packs its 220 slides into shards of 110)
+    (workdir / "shards.yaml").write_text(f"tiling: {{shard_size: {SHARD}}}\nembedding: {{shard_size: {SHARD}}}\n")
+    return workdir, [
+        "--configfile",
+        "shards.yaml",
+        "--config",
+        f"slides={root / 'slides.tsv'}",
+        f"clinical={root / 'clinical.tsv'}",
+    ]
 
 
 def job_counts(output: str) -> dict[str, int]:
