@@ -289,7 +289,7 @@ def figure_outputs(stem, *, caption, category, subcategory=None, name=None, labe
     return outputs
 
 
-# --- shard rules (tiling, embedding, evidence) are made at parse time with constant output paths: see
+# --- shard rules (tiling, embedding) are made at parse time with constant output paths: see
 # docs/architecture.md, "Planning".
 
 
@@ -341,7 +341,11 @@ def all_outputs(wildcards):
 def figure_files(wildcards=None):
     """Every figure of the default target (each stands for its files by its source-data TSV): the `figures`
     target, and what the HTML report shows."""
-    figures = [path for path in all_outputs(wildcards) if path.startswith("results/figures/") or "/evidence/" in path]
+    figures = [
+        path
+        for path in all_outputs(wildcards)
+        if path.startswith("results/figures/") or Path(path).name == "evidence.tsv"
+    ]
     if Path(config["slides"]).exists():
         figures += expand(
             "results/retrieval/{model}/text_to_tiles/{slug}.tsv", model=text_models(), slug=retrieval_query_slugs()

@@ -178,49 +178,39 @@ rule fewshot_all:
         fewshot_outputs,
 
 
-# Evidence: one job per shard of slides (the embedding shards, embedding.shard_size slides each), so a cohort is
-# not thousands of two-second jobs; every slide still has its own figure, and asking for one builds its shard.
-# One rule per (model, prompt set, shard) with constant output paths (docs/architecture.md, "Planning").
-for _model, _promptset, _shard, _slides in evidence_shard_rules():
-
-    rule:
-        name:
-            rule_name("zeroshot_evidence", _model, _promptset, _shard)
-        input:
-            tile_scores=f"results/zeroshot/{_model}/{_promptset}/tile_scores",
-            calls=f"results/zeroshot/{_model}/{_promptset}/calls.tsv",
-        output:
-            # the shard's slides and their figures: what the default target asks for (one file per shard keeps
-            # planning a 10,000-slide cohort from resolving 10,000 more targets)
-            index=f"results/zeroshot/{_model}/{_promptset}/evidence/index/{_shard}.tsv",
-            # PNG only, whatever figures.formats says: one figure per slide of a cohort is for looking, not print.
-            png=[
-                report(
-                    f"results/zeroshot/{_model}/{_promptset}/evidence/{slide}.png",
-                    caption="../config/report/zeroshot_evidence.rst",
-                    category="2. Zero-shot calls",
-                    subcategory=f"{_model} / {_promptset}: evidence per slide",
-                )
-                for slide in _slides
-            ],
-            tsv=[f"results/zeroshot/{_model}/{_promptset}/evidence/{slide}.tsv" for slide in _slides],
-        params:
-            slides=_slides,
-            # Made before the calls these jobs read, so params, not inputs: a 10,000-slide cohort then plans
-            # without resolving 30,000 more files (the tiling shard writes tile file and thumbnail together).
-            tiles=[f"results/tiles/{slide}.parquet" for slide in _slides],
-            thumbnails=[f"results/qc/{slide}.png" for slide in _slides],
-            slide_files=slide_files(_slides),
-            style=figure_style,
-            options={"figures": {"evidence": config["figures"]["evidence"]}},
-            zeroshot={"pooling": config["zeroshot"]["pooling"], "top_k": config["zeroshot"]["top_k"]},
-        log:
-            f"results/logs/zeroshot_evidence/{_model}/{_promptset}/{_shard}.log",
-        threads: 1
-        conda:
-            "../envs/retrieval.yaml"
-        script:
-            "../scripts/zeroshot/zeroshot_evidence.py"
+# Evidence: one job per (model, prompt set) that draws a bounded selection of slides (figures.evidence: the most
+# confident calls per class, every misclassified slide and abstention, up to max_slides), chosen from the calls,
+# so the figures are a directory and evidence.tsv says which slides are in it and why.
+rule zeroshot_evidence:
+    input:
+        tile_scores="results/zeroshot/{model}/{promptset}/tile_scores",
+        calls="results/zeroshot/{model}/{promptset}/calls.tsv",
+    output:
+        index="results/zeroshot/{model}/{promptset}/evidence.tsv",
+        # PNG only, whatever figures.formats says: evidence figures are for looking, not print.
+        figures=report(
+            directory("results/zeroshot/{model}/{promptset}/evidence"),
+            patterns=["{evidence_slide}.png"],
+            caption="../config/report/zeroshot_evidence.rst",
+            category="2. Zero-shot calls",
+            subcategory="{model} / {promptset}: evidence (selected slides)",
+        ),
+    params:
+        # Made before the calls this job reads (the tiling shard writes tile file and thumbnail together), so
+        # params, not inputs: the job needs a few slides' files, chosen from the calls.
+        tiles=lambda wildcards: "results/tiles/{slide}.parquet",  # per slide id (str.format)
+        thumbnails=lambda wildcards: "results/qc/{slide}.png",
+        slide_files=lambda wildcards: dict(zip(slide_ids(), slide_files(slide_ids()), strict=True)),
+        style=figure_style,
+        options={"figures": {"evidence": config["figures"]["evidence"]}},
+        zeroshot={"pooling": config["zeroshot"]["pooling"], "top_k": config["zeroshot"]["top_k"]},
+    log:
+        "results/logs/zeroshot_evidence/{model}/{promptset}.log",
+    threads: 1
+    conda:
+        "../envs/retrieval.yaml"
+    script:
+        "../scripts/zeroshot/zeroshot_evidence.py"
 
 
 rule retrieve_tiles:
@@ -275,7 +265,7 @@ rule slide_neighbours:
 
 
 rule evidence:
-    """Named target: every slide's zero-shot evidence figure."""
+    """Named target: the zero-shot evidence figures of the selected slides (figures.evidence), per model and prompt set."""
     input:
         evidence_figures,
 

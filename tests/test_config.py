@@ -18,7 +18,7 @@ def test_demo_config_is_valid_and_defaults_are_filled(repo):
         "overlap_px": 0,
         "min_tissue_fraction": 0.5,
         "roi_classes": [],
-        "shard_size": 50,
+        "shard_size": 110,  # the demo's: 220 slides in 2 tiling jobs
         "threads": 4,
         "stage_dir": None,
     }

@@ -24,6 +24,7 @@ from histoclip.zeroshot.evidence import (
     heatmap_overlay,
     read_tiles,
     score_grid,
+    select_slides,
     slide_evidence,
     top_tiles,
 )
@@ -205,3 +206,50 @@ def test_slide_evidence_names_a_class_the_scores_lack(tiled, tmp_path):
     write_scores(tmp_path / "scores.parquet", np.array([0]), np.array([0]), {"a": np.ones(1)})
     with pytest.raises(InputError, match="no score_b column"):
         slide_evidence(slide_path, tmp / "s.parquet", tmp_path / "scores.parquet", tmp / "s.png", tmp_path / "o", ["b"])
+
+
+def calls_table(rows: list[tuple[str, str, str, float, bool, int]]) -> pd.DataFrame:
+    """A calls table (slide_id, call, label, margin, abstain, n_tiles) of two called classes, a and b."""
+    frame = pd.DataFrame(rows, columns=["slide_id", "call", "label", "margin", "abstain", "n_tiles"])
+    frame["p_a"] = np.where(frame["call"] == "a", 0.5 + frame["margin"] / 2, 0.5 - frame["margin"] / 2)
+    frame["p_b"] = 1 - frame["p_a"]
+    return frame
+
+
+def evidence_options(**changes) -> EvidenceOptions:
+    return EvidenceOptions.from_config(default_config({"figures": {"evidence": changes}}))
+
+
+SELECTION_CALLS = calls_table(
+    [
+        ("a1", "a", "a", 0.9, False, 40),
+        ("a2", "a", "a", 0.5, False, 40),
+        ("a3", "a", "a", 0.95, False, 40),
+        ("b1", "b", "b", 0.8, False, 40),
+        ("b2", "b", "", 0.99, False, 40),  # unlabelled: its call can't be wrong
+        ("w1", "a", "b", 0.3, False, 40),  # misclassified
+        ("w2", "b", "a", 0.7, False, 40),  # misclassified, more confidently
+        ("q1", "", "a", 0.02, True, 40),  # abstained
+        ("q2", "", "b", 0.01, True, 40),  # abstained, closer
+        ("e1", "", "a", float("nan"), True, 0),  # no tiles: nothing to show
+    ]
+)
+
+
+def test_evidence_selection_confident_per_class_then_errors_then_abstentions():
+    picked = select_slides(SELECTION_CALLS, evidence_options(confident_per_class=2, max_slides=24))
+    assert picked["slide_id"].tolist() == ["a3", "b2", "a1", "b1", "w2", "w1", "q2", "q1"]
+    assert picked["reason"].tolist() == ["confident"] * 4 + ["misclassified"] * 2 + ["abstained"] * 2
+    assert picked["drawn"].all()
+
+
+def test_evidence_selection_cap_keeps_every_error_in_the_index():
+    picked = select_slides(SELECTION_CALLS, evidence_options(confident_per_class=1, max_slides=3))
+    assert picked["slide_id"].tolist() == ["a3", "b2", "w2", "w1", "q2", "q1"]
+    assert picked["drawn"].tolist() == [True, True, True, False, False, False]
+
+
+def test_evidence_selection_without_a_cap_draws_every_slide_with_tiles():
+    picked = select_slides(SELECTION_CALLS, evidence_options(confident_per_class=0, max_slides=None))
+    assert sorted(picked["slide_id"]) == sorted(set(SELECTION_CALLS["slide_id"]) - {"e1"})
+    assert picked.set_index("slide_id")["reason"].to_dict()["a2"] == "slide" and picked["drawn"].all()

@@ -514,7 +514,7 @@ def demo_clinical(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_demo_cohort_true_covariates_recover_the_simulated_effects(demo_clinical: Path) -> None:
-    """The demo's 32 patients (seed 0), with the true covariates of its clinical table: every effect has the right
+    """The demo's 200 patients (seed 0), with the true covariates of its clinical table: every effect has the right
     sign and its 95 % interval covers the value the survival was simulated from (true_coefficients.tsv)."""
     truth = pd.read_csv(demo_clinical.parent / "true_coefficients.tsv", sep="\t").set_index("covariate")["coefficient"]
     terms = [f"clinical:{name}" for name in truth.index]
@@ -526,7 +526,7 @@ def test_demo_cohort_true_covariates_recover_the_simulated_effects(demo_clinical
         row = table.loc[f"clinical:{name}"]
         assert np.sign(row.coef) == np.sign(beta), (name, row.coef, beta)
         assert row.coef - 1.96 * row.se <= beta <= row.coef + 1.96 * row.se, (name, row.coef, row.se, beta)
-    assert table["n"].iloc[0] == 32
+    assert table["n"].iloc[0] == 200
     assert result.logrank["clinical:subtype"]["n_groups"].iloc[0] == 2
 
 

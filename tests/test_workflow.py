@@ -25,8 +25,9 @@ from histoclip.store import read_metadata
 pytestmark = pytest.mark.integration
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-DEMO = ("--configfile", "demo_shards.yaml")  # the default demo, embedded in shards of 16 slides
+DEMO = ("--configfile", "demo_shards.yaml")  # the default demo, embedded in shards of 64 slides
 TINY = "embedding:\n  models: [tiny]\nzeroshot:\n  prompt_sets: [nsclc]\n"  # random-init model: plumbing only
+N_SLIDES = 220  # the demo: 200 patients, 20 of them with a second slide
 CONTRACT_META = (
     "slide_id",
     "level0_mpp",
@@ -62,7 +63,7 @@ def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Compl
 @pytest.fixture(scope="module")
 def demo_run(repo, tmp_path_factory):
     workdir = copy_workflow(repo, tmp_path_factory.mktemp("demo"))
-    (workdir / "demo_shards.yaml").write_text("embedding:\n  models: [demo]\n  shard_size: 16\n")
+    (workdir / "demo_shards.yaml").write_text("embedding:\n  models: [demo]\n  shard_size: 64\n")
     snakemake(workdir, "demo_cohort", *DEMO)
     snakemake(workdir, "check", *DEMO)  # the preflight, before any heavy job
     snakemake(workdir, *DEMO)
@@ -73,26 +74,26 @@ def test_demo_preflight_finds_no_problem(demo_run):
     problems = pd.read_csv(demo_run / "results/preflight.tsv", sep="\t")
     assert not (problems["severity"] == "error").any(), problems.to_string()
     slides = pd.read_csv(demo_run / "results/preflight_slides.tsv", sep="\t")
-    assert len(slides) == 36 and (slides["status"] == "ok").all()
+    assert len(slides) == N_SLIDES and (slides["status"] == "ok").all()
 
 
 def test_demo_cohort_tiles_every_slide_with_the_contract(demo_run):
     sheet = pd.read_csv(demo_run / "results/demo/slides.tsv", sep="\t")
-    assert len(sheet) == 36  # 32 patients, 4 with a second slide
+    assert len(sheet) == N_SLIDES and sheet["patient_id"].nunique() == 200
     cohort = pd.read_csv(demo_run / "results/qc/cohort.tsv", sep="\t")
     assert sorted(cohort["slide_id"]) == sorted(sheet["slide_id"])
     assert (cohort["status"] == "ok").all()
     assert (cohort["mpp_source"] == "openslide-metadata").all()
     assert cohort["level0_mpp"].tolist() == pytest.approx([0.5] * len(cohort))
     assert (cohort["vendor"] == "generic-tiff").all()
-    assert (cohort[["level0_width", "level0_height"]] == 3072).all().all()
+    assert (cohort[["level0_width", "level0_height"]] == 2048).all().all()
     for row in cohort.itertuples():
         tiles = pq.read_table(demo_run / f"results/tiles/{row.slide_id}.parquet")
         assert tiles.schema.names == ["x", "y", "tissue"]
         assert str(tiles.schema.field("x").type) == "int64" and str(tiles.schema.field("tissue").type) == "float"
         frame = tiles.to_pandas()
         assert len(frame) == row.n_tiles > 0
-        assert (frame["x"] % 224 == 0).all() and (frame["x"] + 224 <= 3072).all() and (frame["y"] + 224 <= 3072).all()
+        assert (frame["x"] % 224 == 0).all() and (frame["x"] + 224 <= 2048).all() and (frame["y"] + 224 <= 2048).all()
         assert ((frame["tissue"] >= 0.5) & (frame["tissue"] <= 1.0)).all()
         assert not frame.duplicated(["x", "y"]).any()
         meta = read_metadata(demo_run / f"results/tiles/{row.slide_id}.parquet")
@@ -219,7 +220,7 @@ def test_demo_embeddings_one_file_per_slide_one_model_load_per_shard(demo_run):
         assert meta["model_name"] == "demo" and meta["dim"] == 64 and meta["slide_id"] == row.slide_id
         assert meta["preprocessing"]["image_size"] == 112  # the demo CLIP was trained at 112 px
     logs = sorted((demo_run / "results/logs/embed/demo").glob("shard*.log"))
-    assert len(logs) == 3  # 36 slides in shards of 16
+    assert len(logs) == 4  # 220 slides in shards of 64
     for log in logs:
         text = log.read_text()
         assert text.count("model demo loaded") == 1 and "shard done" in text
@@ -258,18 +259,18 @@ def test_demo_figures_and_report(demo_run):
 def test_demo_slide_embeddings_few_shot_and_prompt_sensitivity(demo_run):
     results = demo_run / "results"
     slides = pq.read_table(results / "slides/demo.parquet").to_pandas()
-    assert len(slides) == 36 and (slides["n_tiles"] > 0).all()
+    assert len(slides) == N_SLIDES and (slides["n_tiles"] > 0).all()
     norms = np.linalg.norm(np.stack(slides["embedding"].to_numpy()), axis=1)
-    assert norms == pytest.approx(np.ones(36), abs=1e-5)
+    assert norms == pytest.approx(np.ones(N_SLIDES), abs=1e-5)
     meta = read_metadata(results / "slides/demo.parquet")
     assert meta["weights_sha256"] == read_metadata(results / "embeddings/demo/demo-p001-s1.parquet")["weights_sha256"]
     evaluation = json.loads((results / "zeroshot/demo/demo/evaluation.json").read_text())
     summary = pd.read_csv(results / "fewshot/demo/demo/summary.tsv", sep="\t")
     zero_shot = summary[summary["method"] == "zeroshot"]
     assert zero_shot["median"].iloc[0] == pytest.approx(evaluation["balanced_accuracy"])
-    for method in ("prototype", "logistic"):
-        assert set(summary.loc[summary["method"] == method, "k"]) == {1, 2, 4}
-    assert set(summary.loc[summary["method"] == "skipped", "k"]) == {8, 16}
+    for method in ("prototype", "logistic"):  # 38 training slides per class: every k of fewshot.shots fits
+        assert set(summary.loc[summary["method"] == method, "k"]) == {1, 2, 4, 8, 16}
+    assert not (summary["method"] == "skipped").any()
     sensitivity = json.loads((results / "zeroshot/demo/demo/prompt_sensitivity.json").read_text())
     assert sensitivity["full"] == pytest.approx(evaluation["balanced_accuracy"])
     assert sensitivity["n_subsets"] == 20 and sensitivity["classifier_max_abs_difference"] < 1e-5
@@ -279,10 +280,27 @@ def test_demo_evidence_and_retrieval_find_the_true_tissue(demo_run):
     from histoclip.formats import tile_classes
 
     results = demo_run / "results"
-    sheet = pd.read_csv(results / "demo/slides.tsv", sep="\t")
-    for slide in sheet["slide_id"]:
+    calls = pd.read_csv(results / "zeroshot/demo/demo/calls.tsv", sep="\t", keep_default_na=False)
+    # a bounded selection (figures.evidence): the 2 most confident calls per class, then every misclassified slide
+    # and every abstention, at most 24 figures; the index lists why each slide is there
+    index = pd.read_csv(results / "zeroshot/demo/demo/evidence.tsv", sep="\t", keep_default_na=False)
+    wrong = calls[(calls["call"] != "") & (calls["call"] != calls["label"])]
+    assert set(wrong["slide_id"]) == set(index.loc[index["reason"] == "misclassified", "slide_id"])
+    assert set(calls.loc[calls["abstain"].astype(str) == "True", "slide_id"]) == set(
+        index.loc[index["reason"] == "abstained", "slide_id"]
+    )
+    confident = index[index["reason"] == "confident"]
+    assert sorted(confident["call"]) == ["adenocarcinoma"] * 2 + ["squamous"] * 2
+    for row in confident.itertuples():  # each among the 2 most confident right calls of its class
+        right = calls[(calls["call"] == row.call) & (calls["label"] == row.call)]
+        assert row.label == row.call and row.margin >= right["margin"].astype(float).nlargest(2).min() - 1e-4
+    drawn = index[index["drawn"].astype(str) == "True"]
+    assert 4 <= len(drawn) <= 24 and len(drawn) == min(len(index), 24)
+    figures = sorted(p.stem for p in (results / "zeroshot/demo/demo/evidence").glob("*.png"))
+    assert figures == sorted(drawn["slide_id"])  # a figure for each drawn slide, none for the rest of the cohort
+    for slide in drawn["slide_id"]:
         assert (results / f"zeroshot/demo/demo/evidence/{slide}.png").stat().st_size > 0
-    evidence = pd.read_csv(results / "zeroshot/demo/demo/evidence/demo-p001-s1.tsv", sep="\t")
+    evidence = pd.read_csv(results / f"zeroshot/demo/demo/evidence/{confident['slide_id'].iloc[0]}.tsv", sep="\t")
     assert set(evidence["class"]) == {"adenocarcinoma", "squamous"} and (evidence.groupby("class").size() == 6).all()
     hits = pd.read_csv(results / "retrieval/demo/text_to_tiles.tsv", sep="\t")
     necrosis = hits[hits["query"] == "tumour necrosis"]
@@ -290,9 +308,9 @@ def test_demo_evidence_and_retrieval_find_the_true_tissue(demo_run):
     truth = [
         str(tile_classes(results / f"demo/class_maps/{t.slide_id}.png", t.x, t.y, 224)) for t in necrosis.itertuples()
     ]
-    assert np.mean([c == "necrosis" for c in truth]) >= 0.75  # measured 12/12
+    assert np.mean([c == "necrosis" for c in truth]) >= 0.75  # measured 12/12 (seed 0)
     retrieval = json.loads((results / "retrieval/demo/slide_retrieval.json").read_text())
-    assert retrieval["precision_at_k"]["5"] >= 0.8 > retrieval["chance"]["5"]  # measured 1.0 vs 0.48
+    assert retrieval["precision_at_k"]["5"] >= 0.8 > retrieval["chance"]["5"]  # measured 1.0 vs 0.50 (seed 0)
 
 
 def test_demo_qupath_geojson_and_slide_anndata(demo_run):
@@ -329,7 +347,7 @@ def test_demo_qupath_geojson_and_slide_anndata(demo_run):
         agree += [t == f["properties"]["classification"]["name"] for (f, _), t in zip(classified, truth, strict=True)]
     assert np.mean(agree) >= 0.8  # tiles shown as the call are that tissue (measured 0.94 of 1,543)
     adata = anndata.read_h5ad(results / "export/demo/slides.h5ad")
-    assert adata.obs_names.tolist() == sheet["slide_id"].tolist() and adata.X.shape[0] == 36
+    assert adata.obs_names.tolist() == sheet["slide_id"].tolist() and adata.X.shape[0] == len(sheet)
     assert (
         adata.obs["demo_call"].astype(str).tolist() == calls.loc[sheet["slide_id"], "call"].replace("", "nan").tolist()
     )
@@ -375,13 +393,16 @@ def test_demo_report_alignment_retrieves_reports_and_calls_subtypes_on_held_out_
     assert (demo_run / "results/figures/report_alignment/demo/retrieval.tsv").stat().st_size > 0
 
 
-def test_demo_cox_model_recovers_the_simulated_effects(demo_run):
-    """Covariates derived by the pipeline itself (zero-shot subtype call, necrosis fraction of the tile
-    phenotypes, age) recover the signs of the Cox model the demo's survival was drawn from, and each 95 %
-    interval covers the true log hazard ratio."""
+def test_demo_survival_recovers_the_simulated_model(demo_run):
+    """The multivariable Cox model on the pipeline's own estimates (zero-shot subtype call, necrosis fraction of
+    the tile phenotypes, age) recovers the model the demo's survival was drawn from: every 95 % interval covers
+    the true log hazard ratio, the subtype and necrosis intervals exclude zero, the cross-validated c-index is
+    above chance at its lower bound, and the Kaplan-Meier curves by predicted subtype differ (log-rank).
+    Tables are read by column name: columns may be added."""
     results = demo_run / "results"
     truth = pd.read_csv(results / "demo/true_coefficients.tsv", sep="\t").set_index("covariate")["coefficient"]
-    cox = pd.read_csv(results / "survival/demo/cox_multivariable.tsv", sep="\t").set_index("covariate")
+    cox = pd.read_csv(results / "survival/demo/cox_multivariable.tsv", sep="\t")
+    cox = cox[cox["endpoint"] == "os"].set_index("covariate")
     names = {
         "clinical:age": "age",
         "subtype:squamous": "subtype_squamous",
@@ -389,8 +410,16 @@ def test_demo_cox_model_recovers_the_simulated_effects(demo_run):
     }
     for term, covariate in names.items():
         row, true = cox.loc[term], truth[covariate]
-        assert np.sign(row["coef"]) == np.sign(true), term
-        assert np.log(row["hr_lower_95"]) <= true <= np.log(row["hr_upper_95"]), term
+        lower, upper = np.log(row["hr_lower_95"]), np.log(row["hr_upper_95"])
+        assert lower <= true <= upper, (term, lower, row["coef"], upper, true)
+        if term != "clinical:age":
+            assert lower > 0, (term, lower, upper)  # the effect is found, not only not contradicted
+    cindex = pd.read_csv(results / "survival/demo/cindex.tsv", sep="\t")
+    multivariable = cindex[(cindex["endpoint"] == "os") & (cindex["model"] == "multivariable")].iloc[0]
+    assert multivariable["c_index_lower_95"] > 0.5, multivariable.to_dict()
+    logrank = pd.read_csv(results / "survival/demo/km_subtype_logrank.tsv", sep="\t")
+    logrank = logrank[logrank["endpoint"] == "os"].iloc[0]
+    assert logrank["n_groups"] == 2 and logrank["p"] < 0.05, logrank.to_dict()
     for stem in ("forest", "km_subtype", "km_cluster"):
         assert (results / f"figures/survival/demo/{stem}.tsv").stat().st_size > 0, stem
 
@@ -460,9 +489,11 @@ def test_demo_tile_phenotypes_match_the_true_tissue_classes(demo_run):
             purity.append(counts.max() / counts.sum())
         predicted += assigned["phenotype"].tolist()
     truth, purity, predicted = np.array(truth), np.array(purity), np.array(predicted)
-    assert adjusted_rand_score(truth, predicted) >= 0.6  # majority class of mixed tiles: measured 0.71-0.79 (seeds 0-5)
+    # majority class of mixed tiles: measured 0.639 at seed 0 (200 patients, 1 mm slides: 40 % of the tiles touch
+    # glass); 0.71-0.79 over seeds 0-5 on the earlier 32-patient demo of 1.5 mm slides
+    assert adjusted_rand_score(truth, predicted) >= 0.6
     pure = purity >= 0.9
-    assert adjusted_rand_score(truth[pure], predicted[pure]) >= 0.9  # measured 0.95-1.0
+    assert adjusted_rand_score(truth[pure], predicted[pure]) >= 0.9  # measured 0.985 at seed 0
     classes = pd.read_csv(results / "phenotypes/demo/class_composition.tsv", sep="\t")
     assert "necrosis" in classes.columns
     clustering = json.loads((results / "clusters/demo/clustering.json").read_text())

@@ -73,25 +73,13 @@ def image_only_model_pattern():
     return "|".join(re.escape(model) for model in embedding_models() if not has_text(model)) or "(?!)"
 
 
-def evidence_shard_rules():
-    """(model, prompt set, shard, slide ids) for every zero-shot evidence shard rule."""
-    shards = embedding_shards()
-    return [
-        (model, promptset, shard, ids)
-        for model in text_models()
-        for promptset in prompt_set_names()
-        for shard, ids in shards.items()
-    ]
-
-
 def evidence_figures(wildcards=None):
-    """The evidence shards' index files (each lists its slides' figures) for every (model, prompt set)."""
+    """The evidence index (evidence.tsv: the selected slides, why, and their figures) per (model, prompt set)."""
     if not Path(config["slides"]).exists():
         return []
-    return [
-        f"results/zeroshot/{model}/{promptset}/evidence/index/{shard}.tsv"
-        for model, promptset, shard, _ in evidence_shard_rules()
-    ]
+    return expand(
+        "results/zeroshot/{model}/{promptset}/evidence.tsv", model=text_models(), promptset=prompt_set_names()
+    )
 
 
 def retrieval_query_slugs():

@@ -125,6 +125,16 @@ def _split_patients(rng: np.random.Generator, subtype: np.ndarray, train_fractio
     return split
 
 
+#: A patient's necrosis (fraction of tissue) is NECROSIS_MAX x Beta(*NECROSIS_BETA): right-skewed as in resected
+#: carcinomas, where most tumours have a little necrosis and a tail has extensive necrosis (median about 0.13, one
+#: patient in ten above 0.37). A narrow range (it was uniform on 0-0.34) gives the necrosis effect too little spread
+#: for a cohort to estimate it.
+NECROSIS_BETA = (0.8, 2.5)
+NECROSIS_MAX = 0.7
+#: Slides of one patient differ: each slide's necrosis is the patient's plus N(0, SLIDE_NECROSIS_SD).
+SLIDE_NECROSIS_SD = 0.02
+
+
 @dataclass(frozen=True)
 class _Patients:
     """The drawn patients: ids, subtype (index into SUBTYPES), necrosis tendency, age, sex, split, and who
@@ -144,7 +154,7 @@ def _draw_patients(rng: np.random.Generator, n_patients: int, train_fraction: fl
     """Patients: subtype, necrosis tendency, age, sex, split (the order of draws is part of the demo's output)."""
     subtype = rng.permutation(np.arange(n_patients) % len(SUBTYPES))
     patient_ids = [f"demo-p{i + 1:03d}" for i in range(n_patients)]
-    necrosis_patient = rng.uniform(0.0, 0.34, n_patients)
+    necrosis_patient = NECROSIS_MAX * rng.beta(*NECROSIS_BETA, n_patients)
     age = np.clip(np.rint(rng.normal(64, 9, n_patients)), 38, 88).astype(np.int64)
     sex = rng.choice(np.array(["F", "M"]), n_patients)
     split = _split_patients(rng, subtype, train_fraction)
@@ -170,7 +180,7 @@ def _slide_jobs(
     for p, pid in enumerate(patients.ids):
         for s in range(2 if patients.second[p] else 1):
             slide_id = f"{pid}-s{s + 1}"
-            target = float(np.clip(patients.necrosis[p] + rng.normal(0, 0.02), 0, 0.35))
+            target = float(np.clip(patients.necrosis[p] + rng.normal(0, SLIDE_NECROSIS_SD), 0, NECROSIS_MAX))
             jobs.append(
                 _SlideJob(
                     slide_id=slide_id,
@@ -239,9 +249,9 @@ def make_demo_cohort(
     out_dir: str | os.PathLike[str],
     *,
     seed: int = 0,
-    n_patients: int = 32,
-    extra_slides: int = 4,
-    slide_px: int = 3072,
+    n_patients: int = 200,
+    extra_slides: int = 20,
+    slide_px: int = 2048,
     mpp: float = 0.5,
     train_fraction: float = 0.375,
     site_effect: float = 0.0,

@@ -50,11 +50,14 @@ def slide_layout(
     remaining = tissue.copy()
     n_tissue = int(tissue.sum())
     region_sigma = REGION_CORRELATION_UM / (16 * mpp) * (slide_px / 16) / g  # in cells of the coarse grid
+    # Fat, lymphocytes and stroma are shares of the viable (non-necrotic) tissue, so a slide with extensive
+    # necrosis still has tumour to call its subtype from (tumour: 55-74 % of the viable tissue).
+    viable = 1.0 - necrosis_target
     shares = [
         (NECROSIS, necrosis_target),
-        (FAT, rng.uniform(0.05, 0.1)),
-        (LYMPHOCYTES, rng.uniform(0.07, 0.13)),
-        (STROMA, rng.uniform(0.14, 0.22)),
+        (FAT, viable * rng.uniform(0.05, 0.1)),
+        (LYMPHOCYTES, viable * rng.uniform(0.07, 0.13)),
+        (STROMA, viable * rng.uniform(0.14, 0.22)),
     ]
     for cls, share in shares:
         k = int(round(share * n_tissue))

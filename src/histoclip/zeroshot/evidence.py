@@ -6,7 +6,10 @@ thumbnail and a row of the top-N tiles read from the slide itself, each numbered
 the gallery can be found on the slide.
 
 Cheap on purpose: the heatmap needs only the tile-score file and the thumbnail written at tiling; pixels are
-read from the slide for the N tiles shown and nothing else (never a whole level).
+read from the slide for the N tiles shown and nothing else (never a whole level). And bounded: a figure for
+every slide grows with the cohort (about 1 MB and a second or two each) while nobody looks at 10,000 of them,
+so :func:`select_slides` picks the ones worth a look - the most confident calls of each class (what the model
+takes each class to be), every misclassified slide and every abstention - up to ``figures.evidence.max_slides``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ __all__ = [
     "heatmap_overlay",
     "read_tiles",
     "score_grid",
+    "select_slides",
     "slide_evidence",
     "top_tiles",
 ]
@@ -88,10 +92,71 @@ class TileLayout:
 
 @dataclass(frozen=True)
 class EvidenceOptions(SectionSettings, section="figures.evidence"):
-    """Config ``figures.evidence``: tiles per class in the gallery, and whether background classes get a panel."""
+    """Config ``figures.evidence``: tiles per class in the gallery, whether background classes get a panel, and
+    which slides get a figure (``confident_per_class``, ``max_slides``: :func:`select_slides`)."""
 
     top_n: int
     include_background: bool
+    confident_per_class: int
+    max_slides: int | None
+
+
+#: Why a slide's evidence is drawn (column ``reason`` of the evidence index), in the order they fill
+#: ``max_slides``: what the model takes each class to be first (a few slides), then its errors, then its doubts.
+#: ``slide`` = every slide (``max_slides: null``) that is none of the others.
+REASONS = ("confident", "misclassified", "abstained", "slide")
+
+#: Columns of the evidence index (``evidence.tsv``).
+INDEX_COLUMNS = ["slide_id", "reason", "call", "label", "margin", "drawn", "figure", "source_data"]
+
+
+def select_slides(calls: pd.DataFrame, options: EvidenceOptions) -> pd.DataFrame:
+    """The slides whose evidence is worth drawing, and why (one row each, in drawing priority).
+
+    ``calls`` is a calls table (:func:`histoclip.formats.read_calls`). Candidates, among the slides with tiles:
+    the ``confident_per_class`` calls of each class with the largest margin (never a misclassified one), every
+    misclassified slide (a label, a call, and they differ; most confidently wrong first) and every abstention
+    (closest call first). The first ``max_slides`` candidates in that order are ``drawn``; the rest stay in the
+    table with ``drawn`` false, so the index still names every error and abstention. ``max_slides`` null draws
+    every slide with tiles (reason ``slide`` for the ones that are none of the above). Ties go to sheet order.
+    """
+    frame = calls.reset_index(drop=True)
+    margin = pd.to_numeric(frame["margin"], errors="coerce")
+    label = frame["label"].fillna("").astype(str) if "label" in frame else pd.Series("", index=frame.index)
+    call = frame["call"].fillna("").astype(str)
+    abstain = frame["abstain"].astype(str).str.lower().isin(["true", "1"])
+    has_tiles = (pd.to_numeric(frame.get("n_tiles", 1), errors="coerce").fillna(0) > 0) & margin.notna()
+    wrong = has_tiles & (label != "") & (call != "") & (call != label)
+    picked: list[tuple[int, str]] = []
+    # most confident per class, the classes interleaved by rank, so a small cap still shows every class
+    ranked = [
+        frame.index[has_tiles & ~wrong & (call == cls)][
+            np.argsort(-margin[has_tiles & ~wrong & (call == cls)].to_numpy(), kind="stable")
+        ][: options.confident_per_class]
+        for cls in formats.called_classes(frame)
+    ]
+    for rank in range(options.confident_per_class):
+        picked += [(int(rows[rank]), "confident") for rows in ranked if rank < len(rows)]
+    order = frame.index[wrong][np.argsort(-margin[wrong].to_numpy(), kind="stable")]
+    picked += [(int(i), "misclassified") for i in order]
+    doubtful = has_tiles & abstain & ~wrong
+    order = frame.index[doubtful][np.argsort(margin[doubtful].to_numpy(), kind="stable")]
+    picked += [(int(i), "abstained") for i in order]
+    if options.max_slides is None:
+        seen = {i for i, _ in picked}
+        picked += [(int(i), "slide") for i in frame.index[has_tiles] if int(i) not in seen]
+    limit = len(picked) if options.max_slides is None else options.max_slides
+    rows = [i for i, _ in picked]
+    return pd.DataFrame(
+        {
+            "slide_id": frame.loc[rows, "slide_id"].astype(str).to_list(),
+            "reason": [reason for _, reason in picked],
+            "call": call[rows].to_list(),
+            "label": label[rows].to_list(),
+            "margin": margin[rows].to_list(),
+            "drawn": [n < limit for n in range(len(picked))],
+        }
+    )
 
 
 def score_grid(
