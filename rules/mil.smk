@@ -23,6 +23,7 @@ rule mil:
         "results/logs/mil/{model}/{task}/{milmodel}.log",
     threads: config["mil"]["threads"]
     resources:
+        mem_mb=2048 + config["mil"]["bag_cache_mb"],
         gpu=0 if config["mil"]["device"] == "cpu" else 1,
     conda:
         "../envs/torch.yaml"

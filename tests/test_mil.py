@@ -101,7 +101,8 @@ def test_training_is_deterministic_on_cpu(cohort, tmp_path):
     sheet, manifest, _ = cohort
     quick = settings(max_epochs=3)
     train_task("abmil", TASK, sheet, manifest, quick, outputs(tmp_path, "one"))
-    train_task("abmil", TASK, sheet, manifest, quick, outputs(tmp_path, "two"))
+    # the second run reads every bag from disk every epoch (no bag cache): the same calls, to the byte
+    train_task("abmil", TASK, sheet, manifest, dataclasses.replace(quick, bag_cache_mb=0), outputs(tmp_path, "two"))
     assert (tmp_path / "one.tsv").read_bytes() == (tmp_path / "two.tsv").read_bytes()
     other = dataclasses.replace(quick, seed=1)
     train_task("abmil", TASK, sheet, manifest, other, outputs(tmp_path, "three"))
@@ -186,6 +187,36 @@ def test_bags_are_read_one_ahead_of_the_model(cohort):
         assert bag.slide_id == ids[i]
         assert len(reads) <= i + 2  # this bag and at most the next: never the cohort
     assert reads == ids
+
+
+def test_bag_cache_reads_a_cohort_that_fits_once_and_the_rest_every_epoch(cohort, monkeypatch):
+    """Epochs after the first decode no file that fits in mil.bag_cache_mb; with a cache of half the cohort, the
+    other half is read every epoch, and every bag is the same as read from its file."""
+    import histoclip.mil.bags as bags_module
+    from histoclip.formats import embedding_paths, read_tile_embeddings
+
+    _, manifest, truth = cohort
+    ids = truth["slide_id"].tolist()
+    paths = dict(zip(ids, embedding_paths(manifest), strict=True))
+    decoded: list[str] = []
+
+    def counting(path):
+        decoded.append(path)
+        return read_tile_embeddings(path)
+
+    monkeypatch.setattr(bags_module.formats, "read_tile_embeddings", counting)
+    sizes = {s: sum(a.nbytes for a in read_tile_embeddings(p)[:3]) for s, p in paths.items()}
+    everything = BagReader(paths, cache_bytes=sum(sizes.values()))
+    for epoch in range(3):
+        for bag in everything.iterate(list(reversed(ids)) if epoch % 2 else ids):
+            np.testing.assert_array_equal(bag.features, read_tile_embeddings(paths[bag.slide_id])[2])
+    assert sorted(decoded) == sorted(paths.values())  # each file once, over three epochs
+    decoded.clear()
+    half = sum(sizes[s] for s in ids[: len(ids) // 2])
+    partial = BagReader(paths, cache_bytes=half)
+    for _ in range(3):
+        assert [bag.slide_id for bag in partial.iterate(ids)] == ids
+    assert len(decoded) == len(ids) // 2 + 3 * (len(ids) - len(ids) // 2)
 
 
 def test_evidence_slides_take_each_class_best_call_then_the_worst_errors():

@@ -4,8 +4,14 @@ Why streamed: a cohort of 2,000 slides × 5,000 tiles × 512 dimensions is ~10 G
 should hold to train a small model. The cross-validation keeps only slide ids; a bag is read from its Parquet
 file (:func:`histoclip.formats.read_tile_embeddings`) when it is its turn, and the next bag is read in a
 background thread while the model works on this one (pyarrow decodes without the GIL), so at most two bags are
-in memory whatever the cohort's size. Repeated epochs read the files again; the operating system's page cache
-makes that cheap when the cohort fits in memory, and it costs disk reads, not memory, when it does not.
+in memory whatever the cohort's size, plus a bounded cache (``mil.bag_cache_mb``).
+
+Why a cache that only fills: training reads every training bag once per epoch, in a new random order each time.
+Reading and decoding a Parquet file costs about a millisecond even for a small bag, which made the 200-patient
+demo's cross-validation spend most of its time in pyarrow. Bags are kept as they are first read until the cache
+is full and never evicted: under a shuffled order any eviction rule would drop bags that are as likely to come
+next as the ones it keeps, so a fill-once cache already gets the best hit rate a cache of that size can
+(the cached share of the cohort), with no bookkeeping. A cohort that fits is read once per job.
 """
 
 from __future__ import annotations
@@ -39,8 +45,11 @@ class Bag:
 class BagReader:
     """Reads bags by slide id from ``paths`` (slide id → embedding file)."""
 
-    def __init__(self, paths: Mapping[str, str]) -> None:
+    def __init__(self, paths: Mapping[str, str], cache_bytes: int = 0) -> None:
         self.paths = dict(paths)
+        self.cache_bytes = cache_bytes
+        self._cache: dict[str, Bag] = {}
+        self._cached_bytes = 0
 
     def dim(self, slide_ids: Sequence[str]) -> int:
         """The embedding dimension (from the footers only), checked to agree over ``slide_ids``."""
@@ -54,10 +63,17 @@ class BagReader:
         return dims.pop()
 
     def read(self, slide_id: str) -> Bag:
+        if slide_id in self._cache:
+            return self._cache[slide_id]
         if slide_id not in self.paths:
             raise InputError(f"no embedding file for slide {slide_id!r}", where="the embedding manifest")
         x, y, features, _ = formats.read_tile_embeddings(self.paths[slide_id])
-        return Bag(slide_id, x, y, features)
+        bag = Bag(slide_id, x, y, features)
+        size = x.nbytes + y.nbytes + features.nbytes
+        if self._cached_bytes + size <= self.cache_bytes:
+            self._cache[slide_id] = bag
+            self._cached_bytes += size
+        return bag
 
     def iterate(self, slide_ids: Sequence[str]) -> Iterator[Bag]:
         """The bags of ``slide_ids`` in that order, each next one read while the caller works on the current."""

@@ -48,6 +48,7 @@ class MilSettings(SectionSettings, section="mil"):
     max_train_tiles: int | None
     device: str
     threads: int
+    bag_cache_mb: int
     seed: int
 
     def __post_init__(self) -> None:

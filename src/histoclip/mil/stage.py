@@ -31,14 +31,17 @@ log = logging.getLogger(__name__)
 EMBEDDING_PROVENANCE = ("model_name", "architecture", "weights_sha256", "dim", "preprocessing", "backend")
 
 
-def _bags(manifest: str | Path, slide_ids: Sequence[str]) -> tuple[BagReader, dict[str, int], dict[str, Any]]:
-    """The bag reader over the manifest's files, each slide's tile count and the embedding provenance (footers)."""
+def _bags(
+    manifest: str | Path, slide_ids: Sequence[str], cache_mb: int = 0
+) -> tuple[BagReader, dict[str, int], dict[str, Any]]:
+    """The bag reader over the manifest's files (keeping up to ``cache_mb`` of bags once read), each slide's tile
+    count and the embedding provenance (footers)."""
     paths = dict(zip(slide_ids, formats.embedding_paths(manifest, slide_ids), strict=True))
     footers = {s: formats.read_embedding_footer(p) for s, p in paths.items()}
     n_tiles = {s: f.n_rows for s, f in footers.items()}
     first = next((f for f in footers.values() if f.n_rows), None)
     provenance = {k: first.metadata.get(k) for k in EMBEDDING_PROVENANCE} if first else {}
-    return BagReader(paths), n_tiles, provenance
+    return BagReader(paths, cache_mb * 2**20), n_tiles, provenance
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,7 @@ def train_task(
 ) -> dict[str, Any]:
     """Cross-validate ``mil_model`` on ``task`` and write every output; returns the evaluation."""
     frame = sheet_frame(sheet)
-    bags, n_tiles, provenance = _bags(manifest, frame["slide_id"].tolist())
+    bags, n_tiles, provenance = _bags(manifest, frame["slide_id"].tolist(), settings.bag_cache_mb)
     where = f"cohort sheet {sheet}, task {task.name}"
     slides = labelled_slides(frame, task, n_tiles, where=where)
     for status, count in slides["status"].value_counts().items():
