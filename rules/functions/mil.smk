@@ -1,6 +1,6 @@
 # Input functions, settings and output lists of the MIL stage (rules/mil.smk).
 
-#: The `mil` keys that decide training (evidence, deploy and the task list re-train nothing when they change).
+#: The `mil` keys that decide training and how it runs (evidence, deploy and the task list re-train nothing when they change).
 MIL_TRAINING_KEYS = (
     "folds",
     "validation_fraction",
@@ -13,6 +13,7 @@ MIL_TRAINING_KEYS = (
     "max_train_tiles",
     "device",
     "threads",
+    "bag_cache_mb",
 )
 
 
