@@ -75,6 +75,7 @@ rule phenotype_gallery:
             caption="phenotype_gallery.rst",
             category="3. Phenotypes and clusters",
             subcategory="{model}",
+            tissue_images=True,
         ),
     params:
         style=figure_style,

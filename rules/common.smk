@@ -264,20 +264,22 @@ def config_part(section, keys):
 
 def figure_style(wildcards=None):
     """The shared figure style (config key ``figures``, style keys only): a params entry of every figure rule."""
-    return {"figures": {k: config["figures"][k] for k in ("width_in", "height_in", "dpi", "font_size", "formats")}}
+    return {"figures": {k: config["figures"][k] for k in ("width_in", "height_in", "dpi", "font_size", "formats", "report_px")}}
 
 
-def figure_outputs(stem, *, caption, category, subcategory=None, name=None, labels=None):
+def figure_outputs(stem, *, caption, category, subcategory=None, name=None, labels=None, tissue_images=False):
     """Named outputs of one figure: ``{stem}.{fmt}`` for each configured format plus ``{stem}.tsv`` (its source
     data). The PNG (or, without one, the first format) goes into the HTML report with ``caption``
-    (config/report/); keys are the formats, prefixed with ``{name}_`` when a rule draws several figures."""
+    (config/report/); keys are the formats, prefixed with ``{name}_`` when a rule draws several figures.
+    ``tissue_images``: a figure made of tissue images (a gallery) goes into the report as its JPEG copy at
+    figures.report_px (``{stem}.report.jpg``, key ``report``; save_figure's report_copy), not as the PNG."""
     formats = list(config["figures"]["formats"])
-    shown = "png" if "png" in formats else formats[0]
+    shown = None if tissue_images else "png" if "png" in formats else formats[0]
     prefix = f"{name}_" if name else ""
     outputs = {}
-    for fmt in [*formats, "tsv"]:
+    for fmt in [*formats, "tsv", *(["report.jpg"] if tissue_images else [])]:
         path = f"{stem}.{fmt}"
-        if fmt == shown:
+        if fmt == shown or fmt == "report.jpg":
             path = report(
                 path,
                 caption=f"../config/report/{caption}",
@@ -285,7 +287,7 @@ def figure_outputs(stem, *, caption, category, subcategory=None, name=None, labe
                 subcategory=subcategory,
                 labels=labels,
             )
-        outputs[f"{prefix}{fmt}"] = path
+        outputs[f"{prefix}{fmt.removesuffix('.jpg')}"] = path
     return outputs
 
 

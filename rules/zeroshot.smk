@@ -187,10 +187,11 @@ rule zeroshot_evidence:
         calls="results/zeroshot/{model}/{promptset}/calls.tsv",
     output:
         index="results/zeroshot/{model}/{promptset}/evidence.tsv",
-        # PNG only, whatever figures.formats says: evidence figures are for looking, not print.
+        # PNG only, whatever figures.formats says: evidence figures are for looking, not print. The report shows
+        # their JPEG copies at figures.report_px.
         figures=report(
             directory("results/zeroshot/{model}/{promptset}/evidence"),
-            patterns=["{evidence_slide}.png"],
+            patterns=["{evidence_slide}.report.jpg"],
             caption="../config/report/zeroshot_evidence.rst",
             category="2. Zero-shot calls",
             subcategory="{model} / {promptset}: evidence (selected slides)",

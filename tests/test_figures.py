@@ -135,6 +135,31 @@ def test_save_figure_writes_each_format_with_source_data_and_the_styles_size(tmp
     assert not list(tmp_path.glob(".*.tmp"))  # no temp files left behind
 
 
+def test_report_copy_of_a_tissue_image_figure_is_a_small_jpeg_within_report_px(shared_data, tmp_path):
+    """A figure of tissue (a real slide region) gets a JPEG copy for the HTML report no larger than
+    figures.report_px on its longer side and far smaller than its print-resolution PNG, which is unchanged."""
+    import openslide
+
+    from histoclip.plots import REPORT_COPY
+
+    style = FigureStyle.from_config(
+        default_config(
+            {"figures": {"width_in": 9.0, "height_in": 5.0, "dpi": 200, "formats": ["png"], "report_px": 800}}
+        )
+    )
+    with openslide.OpenSlide(shared_data / "svs/CMU-1-Small-Region.svs") as slide:
+        region = np.asarray(slide.read_region((0, 0), 0, (1200, 700)).convert("RGB"))
+    with style.context():
+        figure = new_figure(style)
+        figure.add_subplot(1, 1, 1).imshow(region)
+    written = save_figure(figure, tmp_path / "tissue", style, report_copy=True)
+    assert sorted(p.name for p in written) == ["tissue.png", f"tissue.{REPORT_COPY}"]
+    png, jpeg = Image.open(tmp_path / "tissue.png"), Image.open(tmp_path / f"tissue.{REPORT_COPY}")
+    assert png.size == (1800, 1000) and jpeg.format == "JPEG" and jpeg.mode == "RGB"
+    assert max(jpeg.size) <= 800 and jpeg.size[0] / jpeg.size[1] == pytest.approx(1.8, rel=0.01)
+    assert (tmp_path / f"tissue.{REPORT_COPY}").stat().st_size * 5 < (tmp_path / "tissue.png").stat().st_size
+
+
 def test_same_figure_twice_gives_identical_files(tmp_path):
     style = FigureStyle.from_config(default_config())
 

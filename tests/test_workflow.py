@@ -254,6 +254,19 @@ def test_demo_figures_and_report(demo_run):
     snakemake(demo_run, "--report", "results/report.html", *DEMO)
     report = (demo_run / "results/report.html").read_text()
     assert "Cohort quality control" in report and "roc.png" in report
+    # A report that stays small (issue 15): tissue images at report resolution, evidence for the selection only
+    from histoclip.html_report import embedded_files
+
+    embedded = embedded_files(demo_run / "results/report.html")
+    photos = embedded[embedded["mime_type"] == "image/jpeg"]
+    assert set(photos["filename"].str.removesuffix(".report.jpg")) >= {"gallery", "tumour-necrosis"}
+    assert (photos[["width_px", "height_px"]].max(axis=1) <= 1200).all()  # figures.report_px
+    evidence = pd.read_csv(demo_run / "results/zeroshot/demo/demo/evidence.tsv", sep="\t")
+    drawn = {f"{slide}.report.jpg" for slide in evidence.loc[evidence["drawn"], "slide_id"]}
+    assert 0 < len(drawn) <= 24 and drawn <= set(photos["filename"])
+    assert not embedded["filename"].isin({f"{slide}.png" for slide in evidence["slide_id"]}).any()
+    size_mb = (demo_run / "results/report.html").stat().st_size / 2**20
+    assert size_mb <= 20, embedded.sort_values("encoded_bytes").tail(5).to_string()  # measured 19 MB of PNGs before
 
 
 def test_demo_slide_embeddings_few_shot_and_prompt_sensitivity(demo_run):

@@ -99,6 +99,7 @@ def retrieval_gallery_outputs():
             caption="retrieval_gallery.rst",
             category="5. Retrieval",
             subcategory="{model}: text → tiles",
+            tissue_images=True,
         )
     return outputs
 

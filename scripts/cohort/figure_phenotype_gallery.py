@@ -18,4 +18,5 @@ with rule_log(snakemake.log[0], "histoclip.figures") as log:
     figure = gallery_figure(gallery, phenotypes, images, style)
     stem = snakemake.output.tsv.removesuffix(".tsv")
     title = f"Phenotype gallery: {snakemake.wildcards.model}"
-    log.info("wrote %s", ", ".join(map(str, save_figure(figure, stem, style, data=gallery, title=title))))
+    written = save_figure(figure, stem, style, data=gallery, title=title, report_copy=True)
+    log.info("wrote %s", ", ".join(map(str, written)))

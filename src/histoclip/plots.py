@@ -46,6 +46,7 @@ class FigureStyle:
     dpi: int
     font_size: float
     formats: tuple[str, ...]
+    report_px: int
     rc: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -58,6 +59,7 @@ class FigureStyle:
             dpi=figures["dpi"],
             font_size=figures["font_size"],
             formats=tuple(figures["formats"]),
+            report_px=figures["report_px"],
         )
 
     def context(self) -> Any:
@@ -108,6 +110,12 @@ def _metadata(fmt: str, title: str | None) -> dict[str, Any]:
     return {}
 
 
+#: Suffix of a figure's copy for the HTML report (see :func:`save_figure`).
+REPORT_COPY = "report.jpg"
+#: JPEG quality of report copies: tiles and thumbnails stay faithful to the eye at a tenth of a PNG's bytes.
+REPORT_JPEG_QUALITY = 85
+
+
 def save_figure(
     figure: Figure,
     path_stem: str | os.PathLike[str],
@@ -115,9 +123,16 @@ def save_figure(
     *,
     data: pd.DataFrame | None = None,
     title: str | None = None,
+    report_copy: bool = False,
 ) -> list[Path]:
     """Write ``figure`` as ``{stem}.{fmt}`` for each of the style's formats, atomically, and its source data as
-    ``{stem}.tsv`` when given. Returns the paths written."""
+    ``{stem}.tsv`` when given. Returns the paths written.
+
+    ``report_copy`` also writes ``{stem}.report.jpg``, no wider or taller than ``style.report_px``: what the HTML
+    report embeds for figures made of tissue images (evidence, galleries). Why a copy: the report is one HTML
+    file with every image inside it, and such a figure is 1-2 MB as a PNG at print resolution; a report of a few
+    dozen of them no longer opens in a browser. The full-resolution files stay in results/ for looking closely.
+    """
     stem = Path(path_stem)
     written: list[Path] = []
     with style.context():
@@ -126,11 +141,32 @@ def save_figure(
             with atomic_path(final) as tmp:
                 figure.savefig(tmp, format=fmt, dpi=style.dpi, metadata=_metadata(fmt, title))
             written.append(final)
+        if report_copy:
+            final = stem.with_name(f"{stem.name}.{REPORT_COPY}")
+            _save_report_copy(figure, final, style)
+            written.append(final)
     if data is not None:
         final = stem.with_name(f"{stem.name}.tsv")
         write_tsv(data, final)
         written.append(final)
     return written
+
+
+def _save_report_copy(figure: Figure, path: Path, style: FigureStyle) -> None:
+    """``figure`` as a JPEG whose longer side is at most ``style.report_px`` (never above the style's dpi)."""
+    import io
+
+    from PIL import Image
+
+    width_in, height_in = figure.get_size_inches()
+    dpi = min(style.dpi, style.report_px / max(width_in, height_in))
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi, facecolor="white")
+    image = Image.open(buffer).convert("RGB")
+    if max(image.size) > style.report_px:  # rounding of the canvas: never a pixel over
+        image.thumbnail((style.report_px, style.report_px), Image.Resampling.LANCZOS)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="JPEG", quality=REPORT_JPEG_QUALITY, optimize=True, progressive=True)
 
 
 def figure_paths(stem: str, formats: Iterable[str]) -> list[str]:

@@ -288,7 +288,8 @@ def slide_evidence(
     options: EvidenceOptions | None = None,
     style: FigureStyle | None = None,
 ) -> pd.DataFrame:
-    """Draw one slide's evidence figure (``{out_stem}.{formats}``) and write its source data (``{out_stem}.tsv``).
+    """Draw one slide's evidence figure (``{out_stem}.{formats}``, and ``{out_stem}.report.jpg`` for the HTML
+    report) and write its source data (``{out_stem}.tsv``).
 
     One row per class in ``classes``: the heatmap of that class's tile scores over the QC thumbnail (one
     colour scale for all rows, so classes compare), the top-N tiles numbered on it, and those tiles in a
@@ -352,7 +353,7 @@ def slide_evidence(
             colorbar.set_label(f"tile cosine with {cls!r}", fontsize=style.font_size - 1)
             for rank, (tax, i) in enumerate(zip(axes[1:], picks[cls], strict=True)):
                 _tile_panel(tax, images[int(i)], rank, scores[cls][i], int(x[i]), int(y[i]), style)
-    save_figure(figure, out_stem, style, data=data, title=f"{slide_id}: zero-shot evidence")
+    save_figure(figure, out_stem, style, data=data, title=f"{slide_id}: zero-shot evidence", report_copy=True)
     return data
 
 
@@ -371,7 +372,7 @@ def _no_tiles_figure(
         reason = tile_meta.get("error") or "the tissue detector found no tiles"
         ax.text(0.5, 0.5, f"{slide_id}: no tiles scored\n{reason}", ha="center", va="center", wrap=True)
     data = pd.DataFrame(columns=columns)
-    save_figure(figure, out_stem, style, data=data, title=f"{slide_id}: zero-shot evidence")
+    save_figure(figure, out_stem, style, data=data, title=f"{slide_id}: zero-shot evidence", report_copy=True)
     return data
 
 

@@ -365,7 +365,7 @@ def query_gallery(
             if truth is not None:
                 label += f"\ntruth: {truth[i]}"
             ax.set_title(label, fontsize=style.font_size - 2)
-    save_figure(figure, out_stem, style, data=data, title=f"text to tiles: {query}")
+    save_figure(figure, out_stem, style, data=data, title=f"text to tiles: {query}", report_copy=True)
     return data
 
 
