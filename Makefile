@@ -44,6 +44,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_dag.py
 	$(BIN)/python benchmarks/bench_preflight.py
 	$(BIN)/python benchmarks/bench_backends.py
+	$(BIN)/python benchmarks/bench_report.py
 
 clean:
 	rm -rf results/* .snakemake

@@ -49,8 +49,8 @@ def main() -> None:
 
     import torch
 
+    from histoclip.bags import BagReader
     from histoclip.config import default_config
-    from histoclip.mil.bags import BagReader
     from histoclip.mil.crossval import load_state
     from histoclip.mil.folds import patient_folds, validation_split
     from histoclip.mil.settings import MilSettings

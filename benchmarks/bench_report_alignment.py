@@ -45,15 +45,15 @@ def main() -> None:
 
     import torch
 
+    from histoclip.bags import BagReader
     from histoclip.config import default_config
-    from histoclip.report_alignment.bags import BagReader
     from histoclip.report_alignment.training import AlignmentSettings, train_aligner
 
     folder = args.data / "embeddings-plain"
     written = ensure_cohort(folder, args.slides, args.tiles, args.dim, args.seed, args.workers, plain=True)
     torch.set_num_threads(args.threads)
     slides = [f"slide{i:05d}" for i in range(args.slides)]
-    bags = BagReader({s: folder / f"{s}.parquet" for s in slides})
+    bags = BagReader({s: folder / f"{s}.parquet" for s in slides}, 2**30)
     rng = np.random.default_rng(args.seed)
     reports = {}
     start = time.perf_counter()
@@ -62,7 +62,7 @@ def main() -> None:
         vector = mean / np.linalg.norm(mean) + rng.standard_normal(args.dim) / np.sqrt(args.dim)
         reports[s] = (vector / np.linalg.norm(vector)).astype(np.float32)
     setup_s = time.perf_counter() - start
-    bags = BagReader({s: folder / f"{s}.parquet" for s in slides})  # a fresh reader: its cache starts empty
+    bags = BagReader({s: folder / f"{s}.parquet" for s in slides}, 2**30)  # a fresh reader: its cache starts empty
     settings = dataclasses.replace(
         AlignmentSettings.from_config(default_config()), epochs=args.epochs, patience=args.epochs + 1
     )

@@ -12,10 +12,10 @@ import pytest
 from mil_cohorts import signal_cohort
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
+from histoclip.bags import BagReader
 from histoclip.config import default_config
 from histoclip.errors import InputError
 from histoclip.formats import read_attention, read_calls
-from histoclip.mil.bags import BagReader
 from histoclip.mil.comparison import compare_methods
 from histoclip.mil.evidence import attention_percentiles, evidence_slides
 from histoclip.mil.folds import patient_folds, patient_strata, validation_split
@@ -192,7 +192,7 @@ def test_bags_are_read_one_ahead_of_the_model(cohort):
 def test_bag_cache_reads_a_cohort_that_fits_once_and_the_rest_every_epoch(cohort, monkeypatch):
     """Epochs after the first decode no file that fits in mil.bag_cache_mb; with a cache of half the cohort, the
     other half is read every epoch, and every bag is the same as read from its file."""
-    import histoclip.mil.bags as bags_module
+    import histoclip.bags as bags_module
     from histoclip.formats import embedding_paths, read_tile_embeddings
 
     _, manifest, truth = cohort

@@ -5,7 +5,8 @@ only, with patient-level cross-validation, on the same embedding files (streamed
 scored by the zero-shot evaluation code, with attention evidence and a saved model that calls new cohorts.
 
 Modules, from the bottom up: :mod:`~histoclip.mil.settings` (config ``mil``), :mod:`~histoclip.mil.folds`
-(patient-level stratified folds), :mod:`~histoclip.mil.bags` (streaming bag reader), :mod:`~histoclip.mil.models`
+(patient-level stratified folds), :mod:`histoclip.bags` (the streaming bag reader,
+shared with the slide–report aligner), :mod:`~histoclip.mil.models`
 (gated-attention MIL, mean-pooling baseline), :mod:`~histoclip.mil.train` (one model, early stopping),
 :mod:`~histoclip.mil.crossval` (the k folds → calls), :mod:`~histoclip.mil.saved` (model file and deploy),
 :mod:`~histoclip.mil.evidence` (attention figures), :mod:`~histoclip.mil.comparison` (zero-shot vs few-shot vs

@@ -25,8 +25,8 @@ import pandas as pd
 import torch
 
 from histoclip import formats
+from histoclip.bags import BagReader
 from histoclip.errors import InputError
-from histoclip.mil.bags import BagReader
 from histoclip.mil.folds import patient_folds, patient_strata, validation_split
 from histoclip.mil.models import build_model
 from histoclip.mil.settings import MilSettings, MilTask

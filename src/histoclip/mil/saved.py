@@ -25,8 +25,8 @@ import pandas as pd
 import torch
 
 from histoclip import formats, store
+from histoclip.bags import BagReader
 from histoclip.errors import InputError
-from histoclip.mil.bags import BagReader
 from histoclip.mil.crossval import AttentionSink, calls_frame, load_state
 from histoclip.mil.train import predict, resolve_device
 

@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from histoclip import formats, store
-from histoclip.mil.bags import BagReader
+from histoclip.bags import BagReader
 from histoclip.mil.crossval import evaluate_calls, labelled_slides, run_mil
 from histoclip.mil.saved import deploy, load_mil_model, save_mil_model
 from histoclip.mil.settings import MilSettings, MilTask

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from histoclip.bags import Bag, BagReader
 from histoclip.embedding.models import resolve_device as resolve_model_device
-from histoclip.mil.bags import Bag, BagReader
 from histoclip.mil.models import build_model
 from histoclip.mil.settings import MilSettings
 

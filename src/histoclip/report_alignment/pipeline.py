@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 
 from histoclip import formats, store
+from histoclip.bags import BagReader
 from histoclip.errors import InputError
 from histoclip.plots import FigureStyle, new_figure, save_figure
-from histoclip.report_alignment.bags import BagReader
 from histoclip.report_alignment.reports import embed_reports, paired_slides, read_reports
 from histoclip.report_alignment.retrieval import retrieval_metrics
 from histoclip.report_alignment.training import AlignmentSettings, load_aligner, save_aligner, train_aligner
@@ -77,6 +77,10 @@ def _embedding_files(records: Sequence[SlideRecord], manifest: str | Path) -> di
     return {r.slide_id: files[r.slide_id] for r in records}
 
 
+#: Memory for bags kept after their first read (the aligner reads each training bag every epoch).
+BAG_CACHE_MB = 1024.0
+
+
 def _with_tiles(
     pairs: list[tuple[SlideRecord, str]], manifest: str | Path, what: str
 ) -> tuple[list[tuple[SlideRecord, str]], dict[str, str]]:
@@ -106,13 +110,13 @@ def train(
     settings: AlignmentSettings,
     out_weights: str | Path,
     out_history: str | Path,
-    cache_mb: float = 1024.0,
+    cache_mb: float = BAG_CACHE_MB,
 ) -> dict[str, Any]:
     """Train on the train split's slides with a report; write the weights (safetensors) and the history."""
     pairs, files = _with_tiles(in_training(records, reports_path), manifest, "training")
     ids, vectors, meta = formats.read_report_embeddings(report_embeddings)
     text = dict(zip(ids, vectors, strict=True))
-    bags = BagReader(files, cache_mb)
+    bags = BagReader(files, int(cache_mb * 2**20))
     result = train_aligner(
         bags,
         [r.slide_id for r, _ in pairs],
@@ -216,7 +220,7 @@ def evaluate(
     report_ids = list(dict.fromkeys(slide_reports))
     ids, vectors, _ = formats.read_report_embeddings(report_embeddings)
     text = dict(zip(ids, vectors, strict=True))
-    bags = BagReader(files)
+    bags = BagReader(files, int(BAG_CACHE_MB * 2**20))
     text_matrix = torch.from_numpy(np.stack([text[r] for r in report_ids]).astype(np.float32))
     results: dict[str, Any] = {}
     for name, aligner in (("aligned", model), ("untrained", _untrained(model.dim))):

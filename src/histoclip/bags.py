@@ -1,4 +1,5 @@
-"""Bags: one slide's tile embeddings, read from its embedding file when the model needs it.
+"""Bags: one slide's tile embeddings, read from its embedding file when a slide-level model (MIL, the slide–report
+aligner) needs it.
 
 Why streamed: a cohort of 2,000 slides × 5,000 tiles × 512 dimensions is ~10 GB in float16, more than a node
 should hold to train a small model. The cross-validation keeps only slide ids; a bag is read from its Parquet
@@ -16,6 +17,7 @@ next as the ones it keeps, so a fill-once cache already gets the best hit rate a
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,11 +47,13 @@ class Bag:
 class BagReader:
     """Reads bags by slide id from ``paths`` (slide id → embedding file)."""
 
-    def __init__(self, paths: Mapping[str, str], cache_bytes: int = 0) -> None:
+    def __init__(self, paths: Mapping[str, str | os.PathLike[str]], cache_bytes: int = 0) -> None:
         self.paths = dict(paths)
         self.cache_bytes = cache_bytes
         self._cache: dict[str, Bag] = {}
         self._cached_bytes = 0
+        #: The embedding weights of the bags read so far: every bag of one reader must come from the same weights.
+        self.weights_sha256: str | None = None
 
     def dim(self, slide_ids: Sequence[str]) -> int:
         """The embedding dimension (from the footers only), checked to agree over ``slide_ids``."""
@@ -67,13 +71,28 @@ class BagReader:
             return self._cache[slide_id]
         if slide_id not in self.paths:
             raise InputError(f"no embedding file for slide {slide_id!r}", where="the embedding manifest")
-        x, y, features, _ = formats.read_tile_embeddings(self.paths[slide_id])
+        path = self.paths[slide_id]
+        x, y, features, meta = formats.read_tile_embeddings(path)
+        sha = meta.get("weights_sha256")
+        if self.weights_sha256 is None:
+            self.weights_sha256 = sha
+        elif sha != self.weights_sha256:
+            raise InputError(
+                f"made with weights {str(sha)[:12]}…, other slides with {self.weights_sha256[:12]}…",
+                where=f"slide {slide_id!r} ({path})",
+                fix="re-run the embedding step so that every slide is embedded by the same model",
+            )
         bag = Bag(slide_id, x, y, features)
         size = x.nbytes + y.nbytes + features.nbytes
         if self._cached_bytes + size <= self.cache_bytes:
             self._cache[slide_id] = bag
             self._cached_bytes += size
         return bag
+
+    def __call__(self, slide_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(x, y, embeddings) of one slide: the reader as the slide–report aligner's bag function."""
+        bag = self.read(slide_id)
+        return bag.x, bag.y, bag.features
 
     def iterate(self, slide_ids: Sequence[str]) -> Iterator[Bag]:
         """The bags of ``slide_ids`` in that order, each next one read while the caller works on the current."""
