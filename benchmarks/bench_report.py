@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+
+from bench_dag import copy_workflow  # noqa: E402  (this folder: the script's own)
 
 from histoclip.html_report import embedded_files  # noqa: E402
 
@@ -39,17 +40,6 @@ tiling: {shard_size: 500}
 embedding: {shard_size: 500}
 mil: {max_epochs: 5, patience: 2}
 """
-
-
-def copy_workflow(dest: Path) -> Path:
-    dest.mkdir(parents=True)
-    for name in ("Snakefile", "rules", "scripts", "config", "src", "envs"):
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        else:
-            shutil.copy(src, dest / name)
-    return dest
 
 
 def snakemake(workdir: Path, *args: str) -> float:
