@@ -266,7 +266,7 @@ def test_demo_figures_and_report(demo_run):
     assert 0 < len(drawn) <= 24 and drawn <= set(photos["filename"])
     assert not embedded["filename"].isin({f"{slide}.png" for slide in evidence["slide_id"]}).any()
     size_mb = (demo_run / "results/report.html").stat().st_size / 2**20
-    assert size_mb <= 20, embedded.sort_values("encoded_bytes").tail(5).to_string()  # measured 19 MB of PNGs before
+    assert size_mb <= 20, embedded.sort_values("encoded_bytes").tail(5).to_string()  # measured 19 MB when it embedded PNGs
 
 
 def test_demo_slide_embeddings_few_shot_and_prompt_sensitivity(demo_run):
@@ -321,7 +321,7 @@ def test_demo_evidence_and_retrieval_find_the_true_tissue(demo_run):
     truth = [
         str(tile_classes(results / f"demo/class_maps/{t.slide_id}.png", t.x, t.y, 224)) for t in necrosis.itertuples()
     ]
-    assert np.mean([c == "necrosis" for c in truth]) >= 0.75  # measured 12/12 (seed 0)
+    assert np.mean([c == "necrosis" for c in truth]) >= 0.75  # measured 11/12 (seed 0)
     retrieval = json.loads((results / "retrieval/demo/slide_retrieval.json").read_text())
     assert retrieval["precision_at_k"]["5"] >= 0.8 > retrieval["chance"]["5"]  # measured 1.0 vs 0.50 (seed 0)
 
@@ -358,7 +358,7 @@ def test_demo_qupath_geojson_and_slide_anndata(demo_run):
         }
         truth = tile_classes(results / f"demo/class_maps/{slide}.png", *np.array([c for _, c in classified]).T, 224)
         agree += [t == f["properties"]["classification"]["name"] for (f, _), t in zip(classified, truth, strict=True)]
-    assert np.mean(agree) >= 0.8  # tiles shown as the call are that tissue (measured 0.94 of 1,543)
+    assert np.mean(agree) >= 0.8  # tiles shown as the call are that tissue (measured 0.94 of 8,484)
     adata = anndata.read_h5ad(results / "export/demo/slides.h5ad")
     assert adata.obs_names.tolist() == sheet["slide_id"].tolist() and adata.X.shape[0] == len(sheet)
     assert (
@@ -387,7 +387,7 @@ def test_demo_report_alignment_retrieves_reports_and_calls_subtypes_on_held_out_
     assert not (set(provenance["train_reports"]) | set(provenance["validation_reports"])) & held_out
     to_slide = retrieval["aligned"]["report_to_slide"]
     assert to_slide["n_candidates"] == len(held_out) >= 15
-    assert to_slide["recall_at"]["5"] >= 3 * to_slide["chance_recall_at"]["5"]  # measured 0.70 vs 0.22
+    assert to_slide["recall_at"]["5"] >= 3 * to_slide["chance_recall_at"]["5"]  # measured 0.26 vs 0.036 (139 slides)
     assert to_slide["median_rank"] < to_slide["chance_median_rank"]
     calls = pd.read_csv(results / "calls.tsv", sep="\t", keep_default_na=False)
     assert list(calls.columns[:6]) == ["slide_id", "call", "p_adenocarcinoma", "p_squamous", "margin", "abstain"]
@@ -502,11 +502,11 @@ def test_demo_tile_phenotypes_match_the_true_tissue_classes(demo_run):
             purity.append(counts.max() / counts.sum())
         predicted += assigned["phenotype"].tolist()
     truth, purity, predicted = np.array(truth), np.array(purity), np.array(predicted)
-    # majority class of mixed tiles: measured 0.639 at seed 0 (200 patients, 1 mm slides: 40 % of the tiles touch
-    # glass); 0.71-0.79 over seeds 0-5 on the earlier 32-patient demo of 1.5 mm slides
+    # majority class of mixed tiles: measured 0.781 at seed 0, 0.721-0.781 over seeds 0-5 (`seed` and `demo.seed`
+    # both set; a fifth of the tiles touch glass); 0.639 when slides were pieces on glass (40 % of tiles at an edge)
     assert adjusted_rand_score(truth, predicted) >= 0.6
     pure = purity >= 0.9
-    assert adjusted_rand_score(truth[pure], predicted[pure]) >= 0.9  # measured 0.985 at seed 0
+    assert adjusted_rand_score(truth[pure], predicted[pure]) >= 0.9  # measured 0.998 at seed 0, 0.962-0.999 over seeds 0-5
     classes = pd.read_csv(results / "phenotypes/demo/class_composition.tsv", sep="\t")
     assert "necrosis" in classes.columns
     clustering = json.loads((results / "clusters/demo/clustering.json").read_text())
