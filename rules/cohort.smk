@@ -48,7 +48,6 @@ rule phenotypes:
         gallery_tiles="results/phenotypes/{model}/gallery_tiles.tsv",
         assignments=directory("results/phenotypes/{model}/assignments"),
     params:
-        slides=lambda wildcards: slide_ids(),
         sheet=config["slides"],
         prompt_sets=model_prompt_sets,
         settings=phenotype_settings,
@@ -80,7 +79,7 @@ rule phenotype_gallery:
     params:
         style=figure_style,
         sheet=config["slides"],
-        tiles=tile_files,
+        tiles=lambda wildcards: TILE_FILE,
     log:
         "results/logs/figures/phenotypes/{model}.log",
     conda:

@@ -77,9 +77,7 @@ rule report_alignment:
         ),
     params:
         sheet=config["slides"],
-        slides=lambda wildcards: slide_ids(),
-        tiles=tile_files,
-        slide_files=lambda wildcards: slide_files(slide_ids()),
+        tiles=lambda wildcards: TILE_FILE,
         settings={k: config["report_alignment"][k] for k in ("recall_at", "attention_slides", "top_n")},
         zeroshot={k: config["zeroshot"][k] for k in ("abstain_margin", "bootstrap")},
         seed=config["seed"],

@@ -199,9 +199,9 @@ rule zeroshot_evidence:
     params:
         # Made before the calls this job reads (the tiling shard writes tile file and thumbnail together), so
         # params, not inputs: the job needs a few slides' files, chosen from the calls.
-        tiles=lambda wildcards: "results/tiles/{slide}.parquet",  # per slide id (str.format)
+        tiles=lambda wildcards: TILE_FILE,  # per slide id (str.format)
         thumbnails=lambda wildcards: "results/qc/{slide}.png",
-        slide_files=lambda wildcards: dict(zip(slide_ids(), slide_files(slide_ids()), strict=True)),
+        sheet=config["slides"],
         style=figure_style,
         options={"figures": {"evidence": config["figures"]["evidence"]}},
         zeroshot={"pooling": config["zeroshot"]["pooling"], "top_k": config["zeroshot"]["top_k"]},
@@ -229,8 +229,7 @@ rule retrieve_tiles:
         search_dirs=[".", workflow.basedir],
         device=config["embedding"]["device"],
         sheet=config["slides"],
-        slides=lambda wildcards: slide_ids(),
-        tiles=tile_files,
+        tiles=lambda wildcards: TILE_FILE,  # per slide id (str.format): no per-slide list in the report
         style=figure_style,
     log:
         "results/logs/retrieval/{model}/text_to_tiles.log",
@@ -255,7 +254,6 @@ rule slide_neighbours:
     params:
         settings={k: config["retrieval"][k] for k in ("neighbours", "exclude_same_patient")},
         sheet=config["slides"],
-        slides=lambda wildcards: slide_ids(),
     log:
         "results/logs/retrieval/{model}/slide_neighbours.log",
     threads: 1

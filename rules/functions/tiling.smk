@@ -43,8 +43,14 @@ def slide_mpp_cells(slide_ids):
     return {slide: records[slide].mpp_cell for slide in slide_ids}
 
 
+#: A slide's tile file. Rules whose outputs go into the HTML report take this pattern (and the sheet) as params
+#: rather than the list of every slide's file: the report copies a job's params into each of its items, so a
+#: per-slide list there would grow the report with the cohort (24 evidence figures x 2,000 paths).
+TILE_FILE = "results/tiles/{slide}.parquet"
+
+
 def tile_files(wildcards=None):
-    return expand("results/tiles/{slide}.parquet", slide=slide_ids())
+    return expand(TILE_FILE, slide=slide_ids())
 
 
 def tiling_shards():

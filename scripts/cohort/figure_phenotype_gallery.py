@@ -13,7 +13,7 @@ with rule_log(snakemake.log[0], "histoclip.figures") as log:
     records = read_cohort_sheet(snakemake.params.sheet)
     gallery = pd.read_csv(snakemake.input.gallery_tiles, sep="\t", dtype={"slide_id": str})
     phenotypes = pd.read_csv(snakemake.input.phenotypes, sep="\t")
-    tile_files = {path.rsplit("/", 1)[1].removesuffix(".parquet"): path for path in snakemake.params.tiles}
+    tile_files = {r.slide_id: snakemake.params.tiles.format(slide=r.slide_id) for r in records}
     images = read_gallery_pixels(gallery, {r.slide_id: r.path for r in records}, tile_files)
     figure = gallery_figure(gallery, phenotypes, images, style)
     stem = snakemake.output.tsv.removesuffix(".tsv")

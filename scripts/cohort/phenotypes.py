@@ -9,7 +9,7 @@ from histoclip.sheets import read_cohort_sheet
 
 with rule_log(snakemake.log[0], "histoclip.cohort.phenotypes") as log:
     records = {r.slide_id: r for r in read_cohort_sheet(snakemake.params.sheet)}
-    slides = list(snakemake.params.slides)
+    slides = list(records)
     classifiers = {
         name: read_text_classifier(path)
         for name, path in zip(snakemake.params.prompt_sets, snakemake.input.classifiers, strict=True)
@@ -17,7 +17,7 @@ with rule_log(snakemake.log[0], "histoclip.cohort.phenotypes") as log:
     result = run_phenotypes(
         slides,
         [records[s].patient_id for s in slides],
-        embedding_paths(snakemake.input.embeddings, snakemake.params.slides),
+        embedding_paths(snakemake.input.embeddings, slides),
         snakemake.output.assignments.rsplit("/", 1)[0],
         PhenotypeSettings.from_config(snakemake.params.settings),
         classifiers,

@@ -11,10 +11,11 @@ from histoclip.sheets import read_cohort_sheet
 
 with rule_log(snakemake.log[0], "histoclip.report_alignment") as log:
     params, output = snakemake.params, snakemake.output
-    slides = list(params.slides)
+    records = read_cohort_sheet(params.sheet)
+    slides = [r.slide_id for r in records]
     settings = params.settings
     summary = evaluate(
-        read_cohort_sheet(params.sheet),
+        records,
         snakemake.input.reports,
         snakemake.input.report_embeddings,
         snakemake.input.embeddings,
@@ -30,9 +31,9 @@ with rule_log(snakemake.log[0], "histoclip.report_alignment") as log:
         style=FigureStyle.from_config(params.style),
         attention_slides=settings["attention_slides"],
         top_n=settings["top_n"],
-        tiles=dict(zip(slides, params.tiles, strict=True)),
+        tiles={s: params.tiles.format(slide=s) for s in slides},
         thumbnails={s: f"results/qc/{s}.png" for s in slides},
-        slide_files=dict(zip(slides, params.slide_files, strict=True)),
+        slide_files={r.slide_id: str(r.path) for r in records},
     )
     Path(output.attention).mkdir(parents=True, exist_ok=True)
     for direction in ("report_to_slide", "slide_to_report"):

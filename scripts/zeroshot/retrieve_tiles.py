@@ -15,7 +15,7 @@ from histoclip.zeroshot.retrieval import query_gallery, text_to_tiles
 with rule_log(snakemake.log[0], "histoclip.zeroshot.retrieval") as log:
     params = snakemake.params
     records = {r.slide_id: r for r in read_cohort_sheet(params.sheet)}
-    slides = list(params.slides)
+    slides = list(records)
     queries = list(params.settings["queries"])
     spec = ModelSpec.from_config(snakemake.wildcards.model, params.model, params.search_dirs)
     model = load_model(spec, params.device)
@@ -26,7 +26,7 @@ with rule_log(snakemake.log[0], "histoclip.zeroshot.retrieval") as log:
     )  # fmt: skip
     write_tsv(table, snakemake.output.table)
     slide_paths = {sid: str(records[sid].path) for sid in slides}
-    tile_files = dict(zip(slides, snakemake.params.tiles, strict=True))
+    tile_files = {slide: params.tiles.format(slide=slide) for slide in slides}
     style = FigureStyle.from_config(params.style)
     for i, query in enumerate(queries):
         rows = table[table["query"] == query].sort_values("rank")

@@ -10,7 +10,7 @@ with rule_log(snakemake.log[0], "histoclip.zeroshot.retrieval") as log:
     settings = snakemake.params.settings
     records = {r.slide_id: r for r in read_cohort_sheet(snakemake.params.sheet)}
     # Slide embeddings of the aggregation step (mean of each slide's tile embeddings, renormalised).
-    vectors = SlideVectors.from_slide_table(snakemake.input.slides, snakemake.params.slides)
+    vectors = SlideVectors.from_slide_table(snakemake.input.slides, list(records))
     patients = {sid: records[sid].patient_id for sid in vectors.slide_ids}
     k = settings["neighbours"]
     table = slide_neighbours(

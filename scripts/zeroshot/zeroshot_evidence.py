@@ -9,6 +9,7 @@ import histoclip_path  # noqa: F401  (first: the workflow's own src/ on sys.path
 from histoclip.formats import called_classes, read_calls, read_tile_scores_metadata
 from histoclip.logs import rule_log
 from histoclip.plots import FigureStyle, write_tsv
+from histoclip.sheets import read_cohort_sheet
 from histoclip.zeroshot.evidence import INDEX_COLUMNS, EvidenceOptions, select_slides, slide_evidence
 
 with rule_log(snakemake.log[0], "histoclip.zeroshot.evidence") as log:
@@ -21,6 +22,7 @@ with rule_log(snakemake.log[0], "histoclip.zeroshot.evidence") as log:
     out_dir.mkdir(parents=True, exist_ok=True)
     index = select_slides(calls, options)
     by_id = calls.set_index("slide_id", drop=False)
+    slide_files = {r.slide_id: str(r.path) for r in read_cohort_sheet(snakemake.params.sheet)}
     figures, sources = [], []
     for row in index.itertuples():
         if not row.drawn:
@@ -33,7 +35,7 @@ with rule_log(snakemake.log[0], "histoclip.zeroshot.evidence") as log:
             classes += [c for c in read_tile_scores_metadata(scores_path).get("classes", []) if c not in classes]
         stem = out_dir / row.slide_id
         shown = slide_evidence(
-            snakemake.params.slide_files[row.slide_id],
+            slide_files[row.slide_id],
             snakemake.params.tiles.format(slide=row.slide_id),
             scores_path,
             snakemake.params.thumbnails.format(slide=row.slide_id),
