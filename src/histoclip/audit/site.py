@@ -166,17 +166,8 @@ def cluster_agreement(
     clusters = clusters.dropna()
     clusters = clusters[clusters.index.map(lambda s: slide_patients.get(s) in patient_site.index)]
     owners = np.array([slide_patients[s] for s in clusters.index])
-    observed, null = _ari_with_null(clusters.to_numpy(), owners, patient_site, settings)
-    row = _row(
-        "slide_clusters",
-        "adjusted_rand_index",
-        observed,
-        reference=0.0,
-        p_value=_p_value(observed, null),
-        n=len(clusters),
-        note=f"{clusters.nunique()} slide clusters vs sites; p from {len(null)} permutations",
-    )
-    return row, null
+    note = f"{clusters.nunique()} slide clusters vs sites"
+    return _agreement_row("slide_clusters", clusters.to_numpy(), owners, patient_site, settings, note)
 
 
 def composition_agreement(
@@ -190,15 +181,29 @@ def composition_agreement(
     owners = np.array([slide_patients[s] for s in composition.index])
     k = patient_site.nunique()
     labels = KMeans(k, n_init=10, random_state=settings.seed).fit_predict(np.sqrt(composition.to_numpy().clip(0)))
+    note = f"k-means (k = {k} sites) of the phenotype compositions vs sites"
+    return _agreement_row("phenotype_composition", labels, owners, patient_site, settings, note)
+
+
+def _agreement_row(
+    analysis: str,
+    labels: np.ndarray,
+    owners: np.ndarray,
+    patient_site: pd.Series,
+    settings: AuditSettings,
+    note: str,
+) -> tuple[dict[str, Any], list[float]]:
+    """The ARI row of slide ``labels`` (their patients: ``owners``) against the sites, with its permutation p, and
+    the null ARIs."""
     observed, null = _ari_with_null(labels, owners, patient_site, settings)
     row = _row(
-        "phenotype_composition",
+        analysis,
         "adjusted_rand_index",
         observed,
         reference=0.0,
         p_value=_p_value(observed, null),
-        n=len(composition),
-        note=f"k-means (k = {k} sites) of the phenotype compositions vs sites; p from {len(null)} permutations",
+        n=len(labels),
+        note=f"{note}; p from {len(null)} permutations",
     )
     return row, null
 

@@ -216,6 +216,32 @@ def _penalties(model: str, n_clinical: int, n_image: int, image_penalty: float, 
     return np.asarray(clinical + image, dtype=float)
 
 
+def _fit_transforms(
+    clinical: np.ndarray, image: np.ndarray, settings: MultimodalSettings
+) -> tuple[Standardiser | None, ImageReducer]:
+    """The standardiser of the clinical covariates (None without any) and the PCA of the embeddings, fitted on
+    these rows alone."""
+    scaler = Standardiser.fit(clinical) if clinical.shape[1] else None
+    return scaler, ImageReducer.fit(image, settings.n_components)
+
+
+def _fit_model(
+    model: str,
+    scaler: Standardiser | None,
+    reducer: ImageReducer,
+    clinical: np.ndarray,
+    image: np.ndarray,
+    time: np.ndarray,
+    event: np.ndarray,
+    penalty: float,
+    clinical_penalty: float,
+) -> np.ndarray | None:
+    """One model's Cox coefficients on these rows with the given transforms and image penalty (None: no fit)."""
+    n_clinical = clinical.shape[1] if scaler else 0
+    weights = _penalties(model, n_clinical, len(reducer.components), penalty, clinical_penalty)
+    return _cox(_features(model, scaler, reducer, clinical, image), time, event, weights)
+
+
 def _choose_penalty(
     model: str,
     clinical: np.ndarray,
@@ -235,13 +261,11 @@ def _choose_penalty(
         scores = []
         for fold in range(k):
             train, test = folds != fold, folds == fold
-            reducer = ImageReducer.fit(image[train], settings.n_components)
-            scaler = Standardiser.fit(clinical[train]) if clinical.shape[1] else None
-            x_train = _features(model, scaler, reducer, clinical[train], image[train])
-            weights = _penalties(
-                model, clinical.shape[1] if scaler else 0, len(reducer.components), penalty, clinical_penalty
-            )
-            beta = _cox(x_train, time[train], event[train], weights)
+            scaler, reducer = _fit_transforms(clinical[train], image[train], settings)
+            beta = _fit_model(
+                model, scaler, reducer, clinical[train], image[train], time[train], event[train], penalty,
+                clinical_penalty,
+            )  # fmt: skip
             if beta is None:
                 continue
             c = _concordance(
@@ -267,10 +291,8 @@ def fit_fold(
 ) -> FoldFit:
     """Fit every transform and model of one training fold from its rows alone (clinical covariates, embeddings,
     time, event): the standardiser, the PCA reducer, each model's penalty (inner folds) and coefficients."""
-    scaler = Standardiser.fit(clinical) if clinical.shape[1] else None
-    reducer = ImageReducer.fit(image, settings.n_components)
+    scaler, reducer = _fit_transforms(clinical, image, settings)
     fit = FoldFit(scaler, reducer)
-    n_clinical = clinical.shape[1] if scaler else 0
     for model in MODELS:
         if model == "clinical" and scaler is None:
             fit.coefficients[model] = None
@@ -281,8 +303,9 @@ def fit_fold(
                 model, clinical, image, time, event, settings, clinical_penalty, [*seed, MODELS.index(model)]
             )
         fit.penalizer[model] = penalty
-        weights = _penalties(model, n_clinical, len(reducer.components), penalty, clinical_penalty)
-        fit.coefficients[model] = _cox(_features(model, scaler, reducer, clinical, image), time, event, weights)
+        fit.coefficients[model] = _fit_model(
+            model, scaler, reducer, clinical, image, time, event, penalty, clinical_penalty
+        )
     return fit
 
 
