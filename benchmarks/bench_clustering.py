@@ -95,15 +95,22 @@ def ensure_cohort(
     return {"written": True, "write_s": round(time.perf_counter() - start, 1)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def cohort_parser(doc: str | None, data_dir: str = "histoclip-bench-clustering") -> argparse.ArgumentParser:
+    """A parser with the synthetic cohort's options (size, seed, where it is written), shared by the benchmarks
+    that read this cohort."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slides", type=int, default=2000)
     parser.add_argument("--tiles", type=int, default=5000)
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--k", type=int, default=None, help="phenotypes (default: the config schema's)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "histoclip-bench-clustering")
+    parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / data_dir)
     parser.add_argument("--workers", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="writing the cohort")
+    return parser
+
+
+def main() -> None:
+    parser = cohort_parser(__doc__)
+    parser.add_argument("--k", type=int, default=None, help="phenotypes (default: the config schema's)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="the stage's threads (rule threads)")
     parser.add_argument(
         "--dictionary-embeddings",

@@ -18,12 +18,10 @@ epoch (that is what this measures on a loaded node); a smaller one from memory.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,18 +29,12 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_clustering import N_GROUPS, ensure_cohort  # noqa: E402  (the same synthetic cohort)
+from bench_clustering import N_GROUPS, cohort_parser, ensure_cohort  # noqa: E402  (the same synthetic cohort)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--slides", type=int, default=2000)
-    parser.add_argument("--tiles", type=int, default=5000)
-    parser.add_argument("--dim", type=int, default=512)
+    parser = cohort_parser(__doc__, "histoclip-bench-mil")
     parser.add_argument("--epochs", type=int, default=2, help="epochs of fold 0 timed")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "histoclip-bench-mil")
-    parser.add_argument("--workers", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="writing the cohort")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (rule threads)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()

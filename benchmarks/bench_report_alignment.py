@@ -14,13 +14,11 @@ are printed beside wall seconds, with the load average, because the dev machine 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,18 +26,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_clustering import ensure_cohort  # noqa: E402
+from bench_clustering import cohort_parser, ensure_cohort  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--slides", type=int, default=2000)
-    parser.add_argument("--tiles", type=int, default=5000)
-    parser.add_argument("--dim", type=int, default=512)
+    parser = cohort_parser(__doc__)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "histoclip-bench-clustering")
-    parser.add_argument("--workers", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="writing the cohort")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the rule's threads)")
     args = parser.parse_args()
 
