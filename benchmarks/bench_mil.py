@@ -62,7 +62,7 @@ def main() -> None:
     held = validation_split(rest, settings.validation_fraction, settings.seed, 0)
     train, val = rest[~held], rest[held]
     index = {"g01": 0, "g23": 1}
-    bags = BagReader(dict(zip(ids, map(str, files), strict=True)))
+    bags = BagReader(dict(zip(ids, map(str, files), strict=True)), settings.bag_cache_mb * 2**20)  # as the stage
     device = torch.device(args.device)
     load = os.getloadavg()
 
